@@ -1,0 +1,28 @@
+"""diffusion_transfer: transfer pre-trained diffusion models to new jobs, on PyTorch Lightning.
+
+Public names are imported lazily (PEP 562) so that light tools, such as the dataset command, do not
+pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DatasetError": "diffusion_transfer.data",
+    "DiffusionDataModule": "diffusion_transfer.data",
+    "ImageDataset": "diffusion_transfer.data",
+    "ImageFolderDataset": "diffusion_transfer.data",
+    "ZipImageDataset": "diffusion_transfer.data",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

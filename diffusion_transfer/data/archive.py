@@ -1,0 +1,420 @@
+"""StyleGAN/EDM dataset archives: read image collections, write dataset zips atomically.
+
+The on-disk format is the one of EDM's ``dataset_tool.py``: an uncompressed (``ZIP_STORED``) zip of
+uncompressed PNGs named ``{idx // 1000:05d}/img{idx:08d}.png`` with a ``dataset.json`` at the root,
+``{"labels": [[name, int], ...]}`` or ``{"labels": null}``. Our documented extensions live in the same
+``dataset.json``:
+
+- ``class_names``: ``[str] * num_classes``;
+- ``superclasses``: ``[int] * num_classes``, the superclass index of each class;
+- ``superclass_names``: ``[str] * num_superclasses``;
+- ``class_counts``: per-class image counts (written by our tools, recomputed on read);
+- ``longtail``: provenance of a long-tailed subset (imbalance, profile, seed, source).
+
+An :class:`ImageCollection` reads a zip or a folder the same way: every file with an image extension,
+at any depth, sorted by name. Labels come from ``dataset.json`` when there is one; a folder without it
+takes labels from its layout (``class/img.png`` or ``superclass/class/img.png``), a zip without it is
+unlabelled, as in EDM.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+METADATA_NAME = "dataset.json"
+UNLABELLED = -1
+"""Label served for images of an unlabelled dataset (models map it to their null class)."""
+
+_CORRUPT_HINT = "re-create it with `diffusion-transfer-data convert`"
+
+
+class DatasetError(ValueError):
+    """An expected problem with user data. The message is one line that names the file and the fix."""
+
+
+def archive_name(index: int) -> str:
+    """Name of image ``index`` inside a dataset zip: ``00000/img00000000.png`` (1000 per folder)."""
+    return f"{index // 1000:05d}/img{index:08d}.png"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.split("/")[-1].startswith(".")
+
+
+# ------------------------------------------------------------------------------------------------
+# Storage: where the bytes come from.
+
+
+class _ZipStorage:
+    """Read-only zip with a lazily opened handle per process.
+
+    ``zipfile.ZipFile`` is neither picklable nor fork-safe, so DataLoader workers each open their
+    own handle: the handle is dropped when pickled and reopened when the process id changes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        self._pid: int | None = None
+        self.files = sorted(info.filename for info in self._handle().infolist() if not info.is_dir())
+
+    def _handle(self) -> zipfile.ZipFile:
+        if self._zip is None or self._pid != os.getpid():
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise DatasetError(
+                    f"{self.path}: not a readable zip archive ({err}); the file is truncated or corrupt: "
+                    f"{_CORRUPT_HINT}"
+                ) from None
+            self._pid = os.getpid()
+        return self._zip
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._handle().read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+            raise DatasetError(
+                f"{self.path}:{name}: cannot read from the zip ({err}); the archive is corrupt: {_CORRUPT_HINT}"
+            ) from None
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_zip"] = None
+        state["_pid"] = None
+        return state
+
+
+class _FolderStorage:
+    """A folder of image files (any depth)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files = sorted(
+            (Path(root) / f).relative_to(path).as_posix() for root, _, files in os.walk(path) for f in files
+        )
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self.path / name).read_bytes()
+        except OSError as err:
+            raise DatasetError(f"{self.path / name}: cannot read ({err.strerror})") from None
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Collections: names + labels + class metadata, images decoded on demand.
+
+
+@dataclass
+class ClassInfo:
+    """Class metadata of a dataset.
+
+    Attributes:
+        class_names: one name per class, or None when the dataset does not name them.
+        superclasses: superclass index of each class (length num_classes), or None.
+        superclass_names: one name per superclass, or None.
+    """
+
+    class_names: list[str] | None = None
+    superclasses: list[int] | None = None
+    superclass_names: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("class_names", "superclasses", "superclass_names"):
+            if getattr(self, key) is not None:
+                out[key] = list(getattr(self, key))
+        return out
+
+
+@dataclass
+class ImageCollection:
+    """Images of a dataset (zip, folder or in-memory source) with labels and class metadata.
+
+    Attributes:
+        source: the path the images come from (for messages).
+        names: image names, sorted; ``load(i)`` decodes ``names[i]``.
+        labels: int64 array ``[len(names)]`` of class indices, or None when unlabelled.
+        classes: class names and hierarchy.
+        extra: other keys of ``dataset.json`` (e.g. ``longtail`` provenance), kept as read.
+    """
+
+    source: Path
+    names: list[str]
+    labels: np.ndarray | None
+    classes: ClassInfo = field(default_factory=ClassInfo)
+    extra: dict[str, Any] = field(default_factory=dict)
+    storage: Any = None
+    arrays: np.ndarray | None = None  # in-memory images [N, H, W, C] uint8 (e.g. CIFAR batches)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: ``len(class_names)`` when named, else ``max(label) + 1``; 0 if unlabelled."""
+        if self.classes.class_names is not None:
+            return len(self.classes.class_names)
+        if self.labels is None or len(self.labels) == 0:
+            return 0
+        return int(self.labels.max()) + 1
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Images per class, ``[num_classes]`` (empty when unlabelled)."""
+        if self.labels is None:
+            return []
+        return np.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def where(self, index: int) -> str:
+        """Human-readable location of image ``index`` for error messages."""
+        if self.storage is not None:
+            return self.storage.where(self.names[index])
+        return f"{self.source}[{self.names[index]}]"
+
+    def load(self, index: int) -> Image.Image:
+        """Decode image ``index`` fully (raises :class:`DatasetError` on a corrupt file)."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[index])
+        data = self.storage.read(self.names[index])
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise DatasetError(
+                f"{self.where(index)}: cannot decode image ({err}); the file is truncated or corrupt: "
+                "replace it, or remove it and its dataset.json entry"
+            ) from None
+        return image
+
+    def subset(self, indices: Sequence[int]) -> ImageCollection:
+        """A view of the images at ``indices`` (same storage, same class metadata)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageCollection(
+            source=self.source,
+            names=[self.names[i] for i in idx],
+            labels=None if self.labels is None else self.labels[idx],
+            classes=self.classes,
+            extra=dict(self.extra),
+            storage=self.storage,
+            arrays=None if self.arrays is None else self.arrays[idx],
+        )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ImageCollection:
+        """Open a dataset zip or image folder (see the module docstring for how labels are found)."""
+        path = Path(path)
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file or folder; check the path, or build a dataset with "
+                               "`diffusion-transfer-data shapes` or `diffusion-transfer-data convert`")
+        if path.is_dir():
+            storage: Any = _FolderStorage(path)
+        elif zipfile.is_zipfile(path):
+            storage = _ZipStorage(path)
+        else:
+            raise DatasetError(f"{path}: not a zip archive or a folder (corrupt or of another kind); "
+                               "convert it with `diffusion-transfer-data convert`")
+        names = [name for name in storage.files if _is_image(name)]
+        if not names:
+            raise DatasetError(f"{path}: contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                               "point to the folder or zip that holds the images")
+        if METADATA_NAME in storage.files:
+            labels, classes, extra = _parse_metadata(storage, names)
+        elif isinstance(storage, _FolderStorage):
+            labels, classes = _labels_from_layout(path, names)
+            extra = {}
+        else:
+            labels, classes, extra = None, ClassInfo(), {}
+        return cls(source=path, names=names, labels=labels, classes=classes, extra=extra, storage=storage)
+
+
+def _parse_metadata(storage: Any, names: list[str]) -> tuple[np.ndarray | None, ClassInfo, dict[str, Any]]:
+    """Read and validate ``dataset.json`` against the image names."""
+    where = storage.where(METADATA_NAME)
+    try:
+        meta = json.loads(storage.read(METADATA_NAME))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{where}: not valid JSON ({err}); fix or delete it") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise DatasetError(f'{where}: expected an object with a "labels" key ([[name, int], ...] or null)')
+    classes = ClassInfo(
+        class_names=_list_of(meta.get("class_names"), str, where, "class_names"),
+        superclasses=_list_of(meta.get("superclasses"), int, where, "superclasses"),
+        superclass_names=_list_of(meta.get("superclass_names"), str, where, "superclass_names"),
+    )
+    extra = {k: v for k, v in meta.items() if k not in ("labels", "class_names", "superclasses",
+                                                         "superclass_names", "class_counts")}
+    if meta["labels"] is None:
+        return None, classes, extra
+    entries = meta["labels"]
+    if not isinstance(entries, list):
+        raise DatasetError(f'{where}: "labels" must be a list of [name, int] pairs or null')
+    by_name: dict[str, int] = {}
+    for entry in entries:
+        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
+                or isinstance(entry[1], bool) or not isinstance(entry[1], int)):
+            raise DatasetError(f"{where}: label entry {entry!r} is not [name, int]; only integer class labels "
+                               "are supported")
+        if entry[1] < 0:
+            raise DatasetError(f"{where}: label {entry[1]} of '{entry[0]}' is negative; labels are 0..C-1")
+        by_name[entry[0]] = entry[1]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DatasetError(f"{where} does not match the images: {len(missing)} image(s) have no label, e.g. "
+                           f"'{missing[0]}'; rebuild the dataset.json or re-create the dataset")
+    stray = sorted(set(by_name) - set(names))
+    if stray:
+        raise DatasetError(f"{where} does not match the images: it labels {len(stray)} file(s) that are not "
+                           f"there, e.g. '{stray[0]}'; rebuild the dataset.json or re-create the dataset")
+    labels = np.array([by_name[n] for n in names], dtype=np.int64)
+    if classes.class_names is not None and labels.max() >= len(classes.class_names):
+        bad = names[int(np.argmax(labels >= len(classes.class_names)))]
+        raise DatasetError(f"{where}: label {by_name[bad]} of '{bad}' is out of range for "
+                           f"{len(classes.class_names)} class_names; fix the label or class_names")
+    num_classes = len(classes.class_names) if classes.class_names is not None else int(labels.max()) + 1
+    _check_hierarchy(classes, num_classes, where)
+    return labels, classes, extra
+
+
+def _check_hierarchy(classes: ClassInfo, num_classes: int, where: str) -> None:
+    sup = classes.superclasses
+    if sup is None:
+        return
+    if len(sup) != num_classes:
+        raise DatasetError(f"{where}: superclasses has {len(sup)} entries for {num_classes} classes; "
+                           "give one superclass index per class")
+    if min(sup) < 0 or (classes.superclass_names is not None and max(sup) >= len(classes.superclass_names)):
+        raise DatasetError(f"{where}: superclass index out of range (0..{len(classes.superclass_names or [])-1}); "
+                           "fix superclasses or superclass_names")
+
+
+def _list_of(value: Any, kind: type, where: str, key: str) -> list[Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise DatasetError(f"{where}: {key} must be a list of {kind.__name__}")
+    return value
+
+
+def _labels_from_layout(path: Path, names: list[str]) -> tuple[np.ndarray | None, ClassInfo]:
+    """Labels of a folder without dataset.json: flat = unlabelled, ``class/x``, or ``superclass/class/x``."""
+    depths = {name.count("/") for name in names}
+    if depths == {0}:
+        return None, ClassInfo()
+    if len(depths) > 1:
+        raise DatasetError(f"{path}: images sit at mixed depths; use a flat folder, class/image or "
+                           "superclass/class/image, or add a dataset.json")
+    depth = depths.pop()
+    if depth == 1:
+        class_dirs = sorted({name.split("/")[0] for name in names})
+        index = {c: i for i, c in enumerate(class_dirs)}
+        return np.array([index[n.split("/")[0]] for n in names], dtype=np.int64), ClassInfo(class_names=class_dirs)
+    if depth == 2:
+        pairs = sorted({tuple(name.split("/")[:2]) for name in names})
+        super_names = sorted({s for s, _ in pairs})
+        leaf = [c for _, c in pairs]
+        class_names = leaf if len(set(leaf)) == len(leaf) else [f"{s}/{c}" for s, c in pairs]
+        index = {p: i for i, p in enumerate(pairs)}
+        labels = np.array([index[tuple(n.split("/")[:2])] for n in names], dtype=np.int64)
+        return labels, ClassInfo(class_names=class_names,
+                                 superclasses=[super_names.index(s) for s, _ in pairs],
+                                 superclass_names=super_names)
+    raise DatasetError(f"{path}: images are {depth} folders deep; use class/image or superclass/class/image, "
+                       "or add a dataset.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Uncompressed PNG (``compress_level=0``) of a ``[H, W]`` or ``[H, W, C]`` uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def write_dataset_zip(
+    dest: str | os.PathLike[str],
+    images: Iterable[tuple[np.ndarray, int | None]],
+    classes: ClassInfo | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a StyleGAN/EDM dataset zip atomically.
+
+    Args:
+        dest: output ``.zip`` path. Parent folders are created.
+        images: ``(image, label)`` pairs; image is ``[H, W]`` or ``[H, W, C]`` uint8, label an int or
+            None (all None gives ``"labels": null``).
+        classes: class names / hierarchy written to ``dataset.json``.
+        extra: other ``dataset.json`` keys (e.g. ``longtail`` provenance).
+
+    Returns:
+        The ``dataset.json`` content that was written.
+
+    The zip is built in a temporary file beside ``dest`` and moved into place only when complete, so
+    an error or an interrupt never leaves a partial ``dest``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    labels: list[int | None] = []
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for index, (image, label) in enumerate(images):
+                # A fixed timestamp makes the archive byte-identical for identical content.
+                archive.writestr(zipfile.ZipInfo(archive_name(index), date_time=(1980, 1, 1, 0, 0, 0)),
+                                 encode_png(image))
+                labels.append(None if label is None else int(label))
+            meta = _metadata_json(labels, classes or ClassInfo(), extra or {}, str(tmp))
+            archive.writestr(zipfile.ZipInfo(METADATA_NAME, date_time=(1980, 1, 1, 0, 0, 0)),
+                             json.dumps(meta, indent=1))
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str, Any], where: str) -> dict:
+    if not labels:
+        raise DatasetError(f"{where}: no images to write")
+    has_label = [label is not None for label in labels]
+    if any(has_label) and not all(has_label):
+        raise DatasetError(f"{where}: some images have labels and some do not; label all or none")
+    meta: dict[str, Any] = {"labels": None}
+    if all(has_label):
+        meta["labels"] = [[archive_name(i), label] for i, label in enumerate(labels)]
+        num_classes = len(classes.class_names) if classes.class_names else max(labels) + 1  # type: ignore[type-var]
+        meta["class_counts"] = np.bincount(np.asarray(labels), minlength=num_classes).tolist()
+    meta.update(classes.to_json())
+    meta.update(extra)
+    return meta
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    """Open a (compressed) tar archive, turning format errors into :class:`DatasetError`."""
+    try:
+        return tarfile.open(path, "r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise DatasetError(f"{path}: not a readable tar archive ({err}); the download is truncated or "
+                           "corrupt: download it again") from None

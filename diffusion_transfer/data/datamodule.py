@@ -1,0 +1,172 @@
+"""``DiffusionDataModule``: a dataset zip or folder as a LightningDataModule for every method."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .archive import DatasetError
+from .datasets import ImageDataset
+from .longtail import PROFILES, select_longtail
+
+
+class _TrainingView(Dataset):
+    """Selected items of an :class:`ImageDataset` as float images in [-1, 1], optionally x-flipped."""
+
+    def __init__(self, base: ImageDataset, indices: np.ndarray, xflip: bool) -> None:
+        self.base, self.indices, self.xflip = base, indices, xflip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[int(self.indices[index])]
+        x = image.float().div_(127.5).sub_(1.0)
+        # torch's RNG is seeded per DataLoader worker, so flips differ across workers and epochs.
+        if self.xflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """Images of a dataset zip or folder, as batches ``(x [B, C, R, R] float in [-1, 1], y [B] int64)``.
+
+    Args:
+        path: dataset zip (StyleGAN/EDM format) or image folder.
+        resolution: expected image side R; None reads it from the data.
+        batch_size: images per batch and per device.
+        num_workers: DataLoader worker processes (each opens its own zip handle).
+        xflip: random horizontal flips for training.
+        val_fraction: share of images held out for validation (seeded by ``seed``); 0 validates on
+            the training images (unflipped), which is what sample-grid and FID validation want.
+        longtail_imbalance: if set, train on the long-tailed subset with this tail/head ratio
+            (``0.01`` = imbalance ratio 100), built as ``diffusion-transfer-data longtail`` does.
+        longtail_profile: ``exp`` or ``step``.
+        longtail_seed: seed of the long-tail selection (0 reproduces CIFAR-LT).
+        seed: seed of the validation split.
+        drop_last: drop the last incomplete training batch.
+
+    Properties read from the data (``num_classes``, ``class_counts``, ``class_prior``,
+    ``superclass_of``, ``class_names``, ``resolution``, ``channels``) are available right after
+    construction, so the CLI can link them into the model; unlabelled data has ``num_classes == 0``
+    and labels ``-1``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        resolution: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        xflip: bool = False,
+        val_fraction: float = 0.0,
+        longtail_imbalance: float | None = None,
+        longtail_profile: str = "exp",
+        longtail_seed: int = 0,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if longtail_profile not in PROFILES:
+            raise DatasetError(f"unknown longtail_profile '{longtail_profile}'; choose one of {', '.join(PROFILES)}")
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be positive, got {batch_size}")
+        self.save_hyperparameters()
+        self.path = path
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.xflip = xflip
+        self.drop_last = drop_last
+
+    # The dataset is opened on first use (not in __init__) so that a datamodule can be built cheaply and
+    # pickled to spawned processes; properties trigger it because the CLI links them before setup().
+    @cached_property
+    def dataset(self) -> ImageDataset:
+        """The full underlying :class:`ImageDataset`."""
+        return ImageDataset(self.path, self.hparams.resolution)
+
+    @cached_property
+    def _splits(self) -> tuple[np.ndarray, np.ndarray]:
+        hp = self.hparams
+        indices = np.arange(len(self.dataset))
+        if hp.longtail_imbalance is not None:
+            if self.dataset.labels is None:
+                raise DatasetError(f"{self.path}: has no labels; long-tail options need a labelled dataset")
+            indices = select_longtail(self.dataset.labels, self.dataset.num_classes, hp.longtail_imbalance,
+                                      hp.longtail_profile, hp.longtail_seed).indices
+        if hp.val_fraction == 0.0:
+            return indices, indices
+        order = np.random.RandomState(hp.seed).permutation(len(indices))
+        n_val = max(1, int(round(hp.val_fraction * len(indices))))
+        return np.sort(indices[order[n_val:]]), np.sort(indices[order[:n_val]])
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        """int64 positions of the training images in the dataset."""
+        return self._splits[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.dataset.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.dataset.channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class ``[num_classes]`` (after any long-tail selection)."""
+        labels = self.dataset.labels
+        if labels is None:
+            return []
+        return np.bincount(labels[self.train_indices], minlength=self.num_classes).tolist()
+
+    @property
+    def class_prior(self) -> torch.Tensor:
+        """float32 ``[num_classes]`` training label frequencies (sums to 1)."""
+        counts = torch.tensor(self.class_counts, dtype=torch.float64)
+        return (counts / counts.sum()).float()
+
+    @property
+    def superclass_of(self) -> list[int] | None:
+        """Superclass index of each class ``[num_classes]``, or None when the data has no hierarchy."""
+        return self.dataset.collection.classes.superclasses
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.dataset.collection.classes.class_names
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val = self._splits
+        if self.drop_last and len(train) < self.batch_size:
+            raise DatasetError(f"{self.path}: {len(train)} training images is fewer than batch_size "
+                               f"{self.batch_size}; lower batch_size or set drop_last false")
+        self.train_set = _TrainingView(self.dataset, train, self.xflip)
+        self.val_set = _TrainingView(self.dataset, val, xflip=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not hasattr(self, "train_set"):
+            self.setup("fit")
+        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        if not hasattr(self, "val_set"):
+            self.setup("validate")
+        return self._loader(self.val_set, shuffle=False, drop_last=False)

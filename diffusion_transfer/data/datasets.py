@@ -1,0 +1,98 @@
+"""Torch datasets over dataset zips and image folders: ``(uint8 [C, H, W], int64 label)`` items."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .archive import UNLABELLED, DatasetError, ImageCollection
+
+_CHANNELS_OF_MODE = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1}
+
+
+class ImageDataset(Dataset):
+    """Images of a dataset zip or folder as uint8 ``[C, R, R]`` tensors with int64 labels.
+
+    Args:
+        path: dataset zip or image folder (see :mod:`diffusion_transfer.data.archive` for layouts).
+        resolution: expected side R in pixels; None takes it from the first image. Every image is
+            checked against it when loaded.
+        channels: 1 or 3; None takes it from the first image (grayscale -> 1, anything else -> 3).
+            Images of another mode (RGBA, palette, ...) are converted.
+
+    Items are ``(image, label)``; ``label`` is ``-1`` (:data:`UNLABELLED`) for unlabelled datasets.
+    The zip handle is opened lazily in each DataLoader worker, so the dataset is fork- and pickle-safe.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resolution: int | None = None, channels: int | None = None):
+        self.collection = ImageCollection.open(path)
+        first = self.collection.load(0)
+        found = 1 if first.mode in _CHANNELS_OF_MODE else 3
+        if channels not in (None, 1, 3):
+            raise DatasetError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels or found
+        self.resolution = resolution or first.size[0]
+        self._mode = "L" if self.channels == 1 else "RGB"
+        self._check_size(0, first.size)
+
+    @property
+    def path(self) -> Path:
+        return self.collection.source
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 ``[N]`` class labels, or None when unlabelled."""
+        return self.collection.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.collection.num_classes
+
+    @property
+    def class_counts(self) -> list[int]:
+        return self.collection.class_counts
+
+    def _check_size(self, index: int, size: tuple[int, int]) -> None:
+        if size != (self.resolution, self.resolution):
+            raise DatasetError(
+                f"{self.collection.where(index)}: image is {size[0]}x{size[1]}, expected "
+                f"{self.resolution}x{self.resolution}; convert the dataset with `diffusion-transfer-data convert "
+                f"SRC DEST.zip --resolution {self.resolution}` (add --transform center-crop for non-square images)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.collection)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.collection.load(index)
+        self._check_size(index, image.size)
+        if image.mode != self._mode:
+            image = image.convert(self._mode)
+        array = np.asarray(image, dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        labels = self.collection.labels
+        label = UNLABELLED if labels is None else int(labels[index])
+        return torch.from_numpy(np.ascontiguousarray(array)), label
+
+
+class ZipImageDataset(ImageDataset):
+    """:class:`ImageDataset` over a StyleGAN/EDM dataset zip (labels from its ``dataset.json``)."""
+
+    def __init__(self, path: str | os.PathLike[str], resolution: int | None = None, channels: int | None = None):
+        if Path(path).is_dir():
+            raise DatasetError(f"{path}: is a folder; use ImageFolderDataset, or pack it with "
+                               "`diffusion-transfer-data convert`")
+        super().__init__(path, resolution, channels)
+
+
+class ImageFolderDataset(ImageDataset):
+    """:class:`ImageDataset` over a folder: ``class/img``, ``superclass/class/img``, flat, or with a dataset.json."""
+
+    def __init__(self, path: str | os.PathLike[str], resolution: int | None = None, channels: int | None = None):
+        if Path(path).exists() and not Path(path).is_dir():
+            raise DatasetError(f"{path}: is a file, not a folder; use ZipImageDataset for dataset zips")
+        super().__init__(path, resolution, channels)

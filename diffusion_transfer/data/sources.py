@@ -1,0 +1,221 @@
+"""Turn image sources into dataset zips: folders, zips and the CIFAR-10/100 python tarballs.
+
+``convert`` is the library side of ``diffusion-transfer-data convert``. Geometry follows EDM's
+``dataset_tool.py``: ``center-crop`` takes the centred square of side min(H, W) and resizes it with
+LANCZOS; ``center-crop-wide`` is our square variant of its wide mode (scale to the target width, then
+crop or letterbox the height); ``none`` only resizes images that are already square.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .archive import ClassInfo, DatasetError, ImageCollection, open_tar, write_dataset_zip
+
+TRANSFORMS = ("none", "center-crop", "center-crop-wide")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR python batches that can build numpy arrays and nothing else.
+
+    The batches are pickles; a plain ``pickle.load`` would run any code a tampered file carries.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': a CIFAR batch holds only arrays, "
+                                     "lists and strings")
+
+
+def _unpickle_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> dict[Any, Any]:
+    try:
+        handle = tar.extractfile(member)
+        assert handle is not None
+        obj = _CifarUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+    except pickle.UnpicklingError as err:
+        raise DatasetError(f"{path}:{member.name}: {err}; this is not an original CIFAR file, download it "
+                           "again from its authors") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError, TypeError, AttributeError) as err:
+        raise DatasetError(f"{path}:{member.name}: cannot read ({err}); the archive is truncated or corrupt: "
+                           "download it again") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}:{member.name}: expected a dict of arrays; not a CIFAR python batch")
+    # The official batches were pickled by Python 2, so keys arrive as bytes.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _strings(values: list[Any]) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_cifar_tarball(path: str | Path) -> ImageCollection:
+    """Read the training split of ``cifar-10-python.tar.gz`` or ``cifar-100-python.tar.gz``.
+
+    Returns an in-memory collection of ``[N, 32, 32, 3]`` uint8 images with labels and class names;
+    for CIFAR-100, ``superclasses`` holds each fine class's coarse class (20 superclasses).
+    """
+    path = Path(path)
+    with open_tar(path) as tar:
+        try:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise DatasetError(f"{path}: cannot list the tar archive ({err}); download it again") from None
+        batches = sorted(n for n in members if n.startswith("data_batch_"))
+        if batches and "batches.meta" in members:  # CIFAR-10
+            parts = [_unpickle_member(tar, members[n], path) for n in batches]
+            meta = _unpickle_member(tar, members["batches.meta"], path)
+            label_key, classes = "labels", ClassInfo(class_names=_strings(meta["label_names"]))
+        elif "train" in members and "meta" in members:  # CIFAR-100
+            parts = [_unpickle_member(tar, members["train"], path)]
+            meta = _unpickle_member(tar, members["meta"], path)
+            label_key = "fine_labels"
+            fine = np.concatenate([np.asarray(p["fine_labels"]) for p in parts])
+            coarse = np.concatenate([np.asarray(p["coarse_labels"]) for p in parts])
+            fine_names = _strings(meta["fine_label_names"])
+            superclasses = [0] * len(fine_names)
+            for f, c in zip(fine.tolist(), coarse.tolist(), strict=True):
+                superclasses[f] = c
+            classes = ClassInfo(class_names=fine_names, superclasses=superclasses,
+                                superclass_names=_strings(meta["coarse_label_names"]))
+        else:
+            raise DatasetError(f"{path}: not a CIFAR-10/100 python archive (no data_batch_* + batches.meta, "
+                               "nor train + meta); give the python version of the tarball")
+    try:
+        data = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
+        labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (KeyError, ValueError) as err:
+        raise DatasetError(f"{path}: CIFAR batch has an unexpected layout ({err}); download it again") from None
+    names = [f"{i:05d}" for i in range(len(images))]
+    return ImageCollection(source=path, names=names, labels=labels, classes=classes, arrays=images)
+
+
+def open_source(path: str | Path) -> ImageCollection:
+    """Open any convertible source: image folder, dataset zip, or CIFAR python tarball."""
+    path = Path(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        return read_cifar_tarball(path)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise DatasetError(f"{path}: not a readable tar archive; the download is truncated or corrupt: "
+                           "download it again")
+    return ImageCollection.open(path)
+
+
+def transform_image(image: Image.Image, resolution: int | None, transform: str, where: str) -> Image.Image:
+    """Apply the crop/resize ``transform`` to reach ``resolution x resolution`` (None keeps the size)."""
+    width, height = image.size
+    if transform == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif transform == "center-crop-wide":
+        if resolution is None:
+            raise DatasetError("--transform center-crop-wide needs --resolution")
+        scaled_height = max(1, round(resolution * height / width))
+        image = image.resize((resolution, scaled_height), Image.Resampling.LANCZOS)
+        canvas = Image.new(image.mode, (resolution, resolution))
+        # Crop the height when it is larger than the target, letterbox it when smaller.
+        canvas.paste(image, (0, (resolution - scaled_height) // 2))
+        return canvas
+    elif transform != "none":
+        raise DatasetError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
+    if resolution is not None and image.size != (resolution, resolution):
+        if image.size[0] != image.size[1]:
+            raise DatasetError(f"{where}: image is {width}x{height}, not square; pass --transform center-crop "
+                               "(or center-crop-wide)")
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return image
+
+
+@dataclass
+class ConvertSummary:
+    """What ``convert`` wrote: image count, resolution, channels, class counts and notes for the user."""
+
+    dest: Path
+    images: int
+    resolution: int
+    channels: int
+    class_counts: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def convert(
+    src: str | Path,
+    dest: str | Path,
+    resolution: int | None = None,
+    transform: str = "none",
+    max_images: int | None = None,
+    channels: int = 3,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Convert ``src`` (folder, zip or CIFAR tarball) into a dataset zip at ``dest``.
+
+    Args:
+        src: image folder (class sub-folders, ``superclass/class`` folders, or flat = unlabelled),
+            dataset zip, or ``cifar-{10,100}-python.tar.gz``.
+        dest: output zip; written atomically (nothing is left behind on error).
+        resolution: output side in pixels; None keeps the source size (which must then be uniform
+            and square).
+        transform: ``none``, ``center-crop`` or ``center-crop-wide`` (see module docstring).
+        max_images: keep only the first N images in name order.
+        channels: 3 (RGB) or 1 (grayscale); images of other modes are converted, with a note.
+        progress: show a progress bar.
+    """
+    if channels not in (1, 3):
+        raise DatasetError(f"--channels must be 1 or 3, got {channels}")
+    if resolution is not None and resolution < 1:
+        raise DatasetError(f"--resolution must be positive, got {resolution}")
+    collection = open_source(src)
+    if max_images is not None:
+        collection = collection.subset(range(min(max_images, len(collection))))
+    mode = "RGB" if channels == 3 else "L"
+    converted: dict[str, int] = {}
+    size: list[tuple[int, int]] = []
+
+    def images() -> Iterator[tuple[np.ndarray, int | None]]:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(collection)), desc="convert", unit="img", disable=not progress):
+            image = collection.load(i)
+            if image.mode != mode:
+                converted[image.mode] = converted.get(image.mode, 0) + 1
+                image = image.convert(mode)
+            image = transform_image(image, resolution, transform, collection.where(i))
+            if not size:
+                if image.size[0] != image.size[1]:
+                    raise DatasetError(f"{collection.where(i)}: image is {image.size[0]}x{image.size[1]}, not "
+                                       "square; pass --resolution R --transform center-crop")
+                size.append(image.size)
+            elif image.size != size[0]:
+                raise DatasetError(f"{collection.where(i)}: image is {image.size[0]}x{image.size[1]} but earlier "
+                                   f"ones are {size[0][0]}x{size[0][1]}; pass --resolution R to resize all")
+            yield np.asarray(image), None if collection.labels is None else int(collection.labels[i])
+
+    meta = write_dataset_zip(dest, images(), collection.classes, _provenance(collection))
+    notes = [f"converted {n} {m} image(s) to {mode}" for m, n in sorted(converted.items())]
+    return ConvertSummary(Path(dest), len(collection), size[0][0], channels, meta.get("class_counts", []), notes)
+
+
+def _provenance(collection: ImageCollection) -> dict[str, Any]:
+    # Keep provenance such as a long-tail record when re-converting our own zips.
+    return {k: v for k, v in collection.extra.items() if k == "longtail"}

@@ -1,0 +1,1 @@
+"""Noise processes and samplers, no weights and no Lightning imports."""

@@ -1,0 +1,1 @@
+"""Loading foreign checkpoints by local path (never by URL)."""

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` denoisers (no Lightning imports): DiT, UNets."""

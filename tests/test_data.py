@@ -1,0 +1,294 @@
+"""Dataset layer: zip format round trips, sources, long-tail subsets, shapes, the DataModule."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_transfer.data import (
+    ClassInfo,
+    DatasetError,
+    ImageFolderDataset,
+    ZipImageDataset,
+    convert,
+    longtail_counts,
+    make_longtail,
+    make_shapes,
+    select_longtail,
+    write_dataset_zip,
+)
+from diffusion_transfer.data.shapes import DOMAINS, NUM_CLASSES, render_shapes
+
+from .helpers import make_cifar_tarball, random_images
+
+
+def _write_folder(root: Path, images: np.ndarray, relpaths: list[str]) -> None:
+    for image, rel in zip(images, relpaths, strict=True):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / rel)
+
+
+def _pixels(dataset) -> np.ndarray:
+    return np.stack([dataset[i][0].permute(1, 2, 0).numpy() for i in range(len(dataset))])
+
+
+# ------------------------------------------------------------------------------------------------ format
+
+
+def test_zip_round_trip_layout_and_labels(tmp_path: Path) -> None:
+    images = random_images(5, size=8)
+    labels = [3, 0, 2, 2, 1]
+    dest = tmp_path / "out.zip"
+    write_dataset_zip(dest, zip(images, labels, strict=True), ClassInfo(class_names=list("abcd")))
+    with zipfile.ZipFile(dest) as archive:
+        infos = {i.filename: i for i in archive.infolist()}
+        meta = json.loads(archive.read("dataset.json"))
+    assert sorted(infos) == ["00000/img00000000.png", "00000/img00000001.png", "00000/img00000002.png",
+                             "00000/img00000003.png", "00000/img00000004.png", "dataset.json"]
+    assert all(i.compress_type == zipfile.ZIP_STORED for i in infos.values())
+    assert meta["labels"] == [[f"00000/img{i:08d}.png", label] for i, label in enumerate(labels)]
+    assert meta["class_counts"] == [1, 1, 2, 1]
+    dataset = ZipImageDataset(dest)
+    assert (dataset.resolution, dataset.channels, dataset.num_classes) == (8, 3, 4)
+    np.testing.assert_array_equal(_pixels(dataset), images)
+    assert [dataset[i][1] for i in range(5)] == labels
+    assert dataset[0][0].dtype == torch.uint8 and dataset[0][0].shape == (3, 8, 8)
+
+
+def test_archive_names_roll_over_every_thousand() -> None:
+    from diffusion_transfer.data.archive import archive_name
+
+    assert archive_name(999) == "00000/img00000999.png"
+    assert archive_name(1000) == "00001/img00001000.png"
+
+
+def test_unlabelled_zip_has_null_labels(tmp_path: Path) -> None:
+    dest = tmp_path / "u.zip"
+    write_dataset_zip(dest, ((im, None) for im in random_images(3)))
+    with zipfile.ZipFile(dest) as archive:
+        assert json.loads(archive.read("dataset.json"))["labels"] is None
+    dataset = ZipImageDataset(dest)
+    assert dataset.num_classes == 0 and dataset[1][1] == -1
+
+
+def test_zip_without_dataset_json_reads_nested_images_sorted(tmp_path: Path) -> None:
+    images = random_images(3)
+    dest = tmp_path / "plain.zip"
+    with zipfile.ZipFile(dest, "w") as archive:
+        for name, image in zip(["b/x.png", "a/deep/y.png", "c.png"], images, strict=True):
+            buffer = __import__("io").BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            archive.writestr(name, buffer.getvalue())
+    dataset = ZipImageDataset(dest)
+    assert dataset.collection.names == ["a/deep/y.png", "b/x.png", "c.png"]
+    np.testing.assert_array_equal(_pixels(dataset), images[[1, 0, 2]])
+    assert dataset.labels is None
+
+
+def test_dataset_pickles_after_use_for_workers(shapes_zip: Path) -> None:
+    dataset = ZipImageDataset(shapes_zip)
+    first = dataset[3][0]
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(clone[3][0], first)
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def test_convert_class_folder_round_trip(tmp_path: Path) -> None:
+    images = random_images(4, size=8, seed=1)
+    _write_folder(tmp_path / "src", images, ["cat/1.png", "cat/2.png", "dog/1.png", "emu/9.png"])
+    convert(tmp_path / "src", tmp_path / "out.zip", progress=False)
+    dataset = ZipImageDataset(tmp_path / "out.zip")
+    np.testing.assert_array_equal(_pixels(dataset), images)
+    assert dataset.labels.tolist() == [0, 0, 1, 2]
+    assert dataset.collection.classes.class_names == ["cat", "dog", "emu"]
+    folder = ImageFolderDataset(tmp_path / "src")
+    np.testing.assert_array_equal(_pixels(folder), images)
+    assert folder.labels.tolist() == [0, 0, 1, 2]
+
+
+def test_convert_two_level_folder_gives_superclasses(tmp_path: Path) -> None:
+    images = random_images(4, seed=2)
+    _write_folder(tmp_path / "src", images, ["bird/owl/a.png", "bird/wren/b.png", "fish/cod/c.png",
+                                             "fish/cod/d.png"])
+    convert(tmp_path / "src", tmp_path / "out.zip", progress=False)
+    classes = ZipImageDataset(tmp_path / "out.zip").collection.classes
+    assert classes.class_names == ["owl", "wren", "cod"]
+    assert classes.superclasses == [0, 0, 1]
+    assert classes.superclass_names == ["bird", "fish"]
+
+
+def test_convert_flat_folder_and_zip_source(tmp_path: Path) -> None:
+    images = random_images(3, seed=3)
+    _write_folder(tmp_path / "flat", images, ["x.png", "y.png", "z.png"])
+    convert(tmp_path / "flat", tmp_path / "a.zip", progress=False)
+    convert(tmp_path / "a.zip", tmp_path / "b.zip", progress=False)
+    dataset = ZipImageDataset(tmp_path / "b.zip")
+    assert dataset.labels is None
+    np.testing.assert_array_equal(_pixels(dataset), images)
+
+
+def test_convert_cifar10_tarball(tmp_path: Path) -> None:
+    images = make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz", kind=10, per_batch=3)
+    summary = convert(tmp_path / "cifar-10-python.tar.gz", tmp_path / "c10.zip", progress=False)
+    assert summary.images == 15 and summary.resolution == 32  # 5 training batches, no test batch
+    dataset = ZipImageDataset(tmp_path / "c10.zip")
+    np.testing.assert_array_equal(_pixels(dataset), images)
+    assert dataset.collection.classes.class_names == [f"class{c}" for c in range(10)]
+
+
+def test_convert_cifar100_tarball_has_coarse_superclasses(tmp_path: Path) -> None:
+    make_cifar_tarball(tmp_path / "cifar-100-python.tar.gz", kind=100, per_batch=100)
+    convert(tmp_path / "cifar-100-python.tar.gz", tmp_path / "c100.zip", progress=False)
+    classes = ZipImageDataset(tmp_path / "c100.zip").collection.classes
+    assert len(classes.class_names) == 100 and len(classes.superclass_names) == 20
+    assert classes.superclasses == [c // 5 for c in range(100)]
+
+
+def test_convert_center_crop_resize_and_max_images(tmp_path: Path) -> None:
+    wide = np.zeros((8, 16, 3), dtype=np.uint8)
+    wide[:, 4:12] = 200  # the centred 8x8 square is uniform 200
+    _write_folder(tmp_path / "src", np.stack([wide, wide]), ["a.png", "b.png"])
+    convert(tmp_path / "src", tmp_path / "crop.zip", transform="center-crop", max_images=1, progress=False)
+    dataset = ZipImageDataset(tmp_path / "crop.zip")
+    assert len(dataset) == 1 and dataset.resolution == 8
+    assert (dataset[0][0] == 200).all()
+    convert(tmp_path / "src", tmp_path / "r4.zip", resolution=4, transform="center-crop", progress=False)
+    assert ZipImageDataset(tmp_path / "r4.zip").resolution == 4
+    convert(tmp_path / "src", tmp_path / "wide.zip", resolution=8, transform="center-crop-wide", progress=False)
+    letterboxed = ZipImageDataset(tmp_path / "wide.zip")[0][0]
+    assert letterboxed.shape == (3, 8, 8) and (letterboxed[:, 0] == 0).all()  # black bar above the 8x4 band
+
+
+def test_convert_grayscale_and_rgba_are_converted_with_a_note(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    gray = random_images(1, channels=1, seed=4)[0]
+    Image.fromarray(gray).save(tmp_path / "src" / "a.png")
+    Image.fromarray(random_images(1, channels=4, seed=5)[0], "RGBA").save(tmp_path / "src" / "b.png")
+    summary = convert(tmp_path / "src", tmp_path / "out.zip", progress=False)
+    assert summary.notes == ["converted 1 L image(s) to RGB", "converted 1 RGBA image(s) to RGB"]
+    first = ZipImageDataset(tmp_path / "out.zip")[0][0]
+    assert first.shape == (3, 8, 8)
+    np.testing.assert_array_equal(first[1].numpy(), gray)
+
+
+# ------------------------------------------------------------------------------------------------ long tail
+
+
+def _lt_total(num_classes: int, imbalance: float) -> list[int]:
+    return longtail_counts(num_classes, 50000 / num_classes, imbalance)
+
+
+def test_longtail_counts_match_published_cifar_lt() -> None:
+    assert _lt_total(10, 0.01) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(_lt_total(10, 0.01)) == 12406
+    c100 = _lt_total(100, 0.01)
+    assert sum(c100) == 10847 and c100[:5] == [500, 477, 455, 434, 415] and c100[-5:] == [6, 5, 5, 5, 5]
+    assert sum(_lt_total(10, 0.002)) == 10011
+    assert sum(_lt_total(10, 0.1)) == 20431
+
+
+def test_longtail_counts_follow_formula_and_step_profile() -> None:
+    counts = longtail_counts(7, 333.0, 0.05)
+    assert counts == [int(333.0 * 0.05 ** (c / 6.0)) for c in range(7)]
+    assert longtail_counts(5, 100.0, 0.1, "step") == [100, 100, 10, 10, 10]
+    with pytest.raises(DatasetError, match="tail/head ratio"):
+        longtail_counts(10, 100.0, 100.0)
+
+
+def test_longtail_selection_equals_global_seed_procedure_and_keeps_global_rng() -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 5000)
+    np.random.seed(1234)
+    before = np.random.get_state()[1].copy()
+    ours = select_longtail(labels, 10, 0.01, seed=0)
+    assert np.array_equal(np.random.get_state()[1], before)
+    # The originals' procedure: global seed, then one shuffle per class in label order.
+    np.random.seed(0)
+    reference = []
+    for c, n_c in enumerate(ours.requested):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        reference.extend(idx[:n_c].tolist())
+    assert ours.indices.tolist() == reference
+    assert ours.counts == np.bincount(labels[ours.indices], minlength=10).tolist()
+
+
+def test_make_longtail_zip_records_counts_and_is_seeded(shapes_zip: Path, tmp_path: Path) -> None:
+    meta = make_longtail(shapes_zip, tmp_path / "lt.zip", imbalance=0.25, seed=0, progress=False)
+    expected = [int(8 * 0.25 ** (c / 19)) for c in range(20)]
+    assert meta["class_counts"] == expected
+    assert meta["longtail"]["imbalance"] == 0.25 and meta["superclasses"] == [c // 5 for c in range(20)]
+    dataset = ZipImageDataset(tmp_path / "lt.zip")
+    assert dataset.class_counts == expected
+    make_longtail(shapes_zip, tmp_path / "again.zip", imbalance=0.25, seed=0, progress=False)
+    make_longtail(shapes_zip, tmp_path / "other.zip", imbalance=0.25, seed=1, progress=False)
+    assert (tmp_path / "again.zip").read_bytes() == (tmp_path / "lt.zip").read_bytes()
+    assert (tmp_path / "other.zip").read_bytes() != (tmp_path / "lt.zip").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def test_shapes_deterministic_by_seed(tmp_path: Path) -> None:
+    make_shapes(tmp_path / "a.zip", per_class=3, seed=7)
+    make_shapes(tmp_path / "b.zip", per_class=3, seed=7)
+    make_shapes(tmp_path / "c.zip", per_class=3, seed=8)
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    assert (tmp_path / "a.zip").read_bytes() != (tmp_path / "c.zip").read_bytes()
+    dataset = ZipImageDataset(tmp_path / "a.zip")
+    assert len(dataset) == 3 * NUM_CLASSES and dataset.class_counts == [3] * NUM_CLASSES
+    assert dataset.collection.classes.superclass_names == ["circle", "square", "triangle", "cross"]
+
+
+def test_shapes_domains_differ_in_style_and_classes_in_colour() -> None:
+    labels = np.repeat(np.arange(NUM_CLASSES), 20)
+    filled, outline = (render_shapes(labels, 16, d, np.random.default_rng(0)).astype(float) for d in DOMAINS)
+    assert filled.mean() < 80 < 150 < outline.mean()  # dark ground vs light ground
+    # The brightest pixel of a filled red shape is red-dominant, of a blue one blue-dominant.
+    red, blue = filled[labels == 0], filled[labels == 2]
+    assert red[..., 0].max() > 150 > red[..., 2].max()
+    assert blue[..., 2].max() > 150 > blue[..., 0].max()
+
+
+# ------------------------------------------------------------------------------------------------ datamodule
+
+
+def test_datamodule_properties_batches_and_workers(shapes_zip: Path) -> None:
+    from diffusion_transfer.data import DiffusionDataModule
+
+    dm = DiffusionDataModule(str(shapes_zip), batch_size=16, num_workers=0, xflip=True)
+    assert (dm.num_classes, dm.resolution, dm.channels) == (20, 16, 3)
+    assert dm.class_counts == [8] * 20 and dm.superclass_of == [c // 5 for c in range(20)]
+    assert torch.allclose(dm.class_prior, torch.full((20,), 0.05))
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    # Workers: each opens its own zip handle; every image arrives exactly once per epoch.
+    dm2 = DiffusionDataModule(str(shapes_zip), batch_size=16, num_workers=2, drop_last=False)
+    dm2.setup("fit")
+    seen = torch.cat([x.flatten(1) for x, _ in dm2.val_dataloader()])
+    expected = torch.stack([dm.dataset[i][0].float().div(127.5).sub(1).flatten() for i in range(160)])
+    assert torch.equal(seen, expected)
+
+
+def test_datamodule_longtail_and_validation_split(shapes_zip: Path) -> None:
+    from diffusion_transfer.data import DiffusionDataModule
+
+    dm = DiffusionDataModule(str(shapes_zip), batch_size=4, longtail_imbalance=0.25, val_fraction=0.2)
+    lt_counts = [int(8 * 0.25 ** (c / 19)) for c in range(20)]
+    dm.setup("fit")
+    train, val = dm._splits
+    assert not set(train.tolist()) & set(val.tolist())
+    assert len(train) + len(val) == sum(lt_counts)
+    assert sum(dm.class_counts) == len(train)
+    with pytest.raises(DatasetError, match="fewer than batch_size"):
+        DiffusionDataModule(str(shapes_zip), batch_size=1000).setup("fit")
