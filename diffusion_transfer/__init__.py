@@ -12,6 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DiT": "diffusion_transfer.nets",
+    "build_dit": "diffusion_transfer.nets",
+    "GaussianDiffusion": "diffusion_transfer.diffusion",
+    "apply_guidance": "diffusion_transfer.diffusion",
+    "Diffusion": "diffusion_transfer.methods",
+    "DiffusionLightningBase": "diffusion_transfer.methods",
+    "TrainableEMA": "diffusion_transfer.callbacks",
+    "ImageWriter": "diffusion_transfer.callbacks",
     "DatasetError": "diffusion_transfer.data",
     "DiffusionDataModule": "diffusion_transfer.data",
     "ImageDataset": "diffusion_transfer.data",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cached_property
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .archive import DatasetError
 from .datasets import ImageDataset
 from .longtail import PROFILES, select_longtail
+from .seeds import SeedLabelDataset, assign_labels, parse_seeds
 
 
 class _TrainingView(Dataset):
@@ -32,6 +34,27 @@ class _TrainingView(Dataset):
         return x, label
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` fixed by ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch, so the data order of a resumed run equals that of an
+    uninterrupted one (the default ``RandomSampler`` draws from the global RNG instead).
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """Images of a dataset zip or folder, as batches ``(x [B, C, R, R] float in [-1, 1], y [B] int64)``.
 
@@ -43,12 +66,16 @@ class DiffusionDataModule(L.LightningDataModule):
         xflip: random horizontal flips for training.
         val_fraction: share of images held out for validation (seeded by ``seed``); 0 validates on
             the training images (unflipped), which is what sample-grid and FID validation want.
+        val_max_images: cap on validation images (a seeded subset), so validation stays cheap on large data.
         longtail_imbalance: if set, train on the long-tailed subset with this tail/head ratio
             (``0.01`` = imbalance ratio 100), built as ``diffusion-transfer-data longtail`` does.
         longtail_profile: ``exp`` or ``step``.
         longtail_seed: seed of the long-tail selection (0 reproduces CIFAR-LT).
-        seed: seed of the validation split.
+        seed: seed of the validation split and of the training data order (per epoch).
         drop_last: drop the last incomplete training batch.
+        predict_seeds: seeds of the images ``predict`` generates, e.g. ``"0-63"`` or ``"1,5,9-11"``.
+        predict_labels: their classes: None (0, 1, ..., C-1 in turn), one class ``"3"``, or ``"3,7"``
+            (repeated in turn).
 
     Properties read from the data (``num_classes``, ``class_counts``, ``class_prior``,
     ``superclass_of``, ``class_names``, ``resolution``, ``channels``) are available right after
@@ -64,11 +91,14 @@ class DiffusionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         xflip: bool = False,
         val_fraction: float = 0.0,
+        val_max_images: int | None = 256,
         longtail_imbalance: float | None = None,
         longtail_profile: str = "exp",
         longtail_seed: int = 0,
         seed: int = 0,
         drop_last: bool = True,
+        predict_seeds: str = "0-15",
+        predict_labels: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -77,7 +107,10 @@ class DiffusionDataModule(L.LightningDataModule):
             raise DatasetError(f"unknown longtail_profile '{longtail_profile}'; choose one of {', '.join(PROFILES)}")
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
-        self.save_hyperparameters()
+        # ``resolution`` is the model's hyper-parameter (linked from this module); saving it here too would make
+        # Lightning refuse the run whenever it is left to None and read from the data.
+        self.save_hyperparameters(ignore=["resolution"])
+        self.expected_resolution = resolution
         self.path = path
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -89,7 +122,7 @@ class DiffusionDataModule(L.LightningDataModule):
     @cached_property
     def dataset(self) -> ImageDataset:
         """The full underlying :class:`ImageDataset`."""
-        return ImageDataset(self.path, self.hparams.resolution)
+        return ImageDataset(self.path, self.expected_resolution)
 
     @cached_property
     def _splits(self) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +133,13 @@ class DiffusionDataModule(L.LightningDataModule):
                 raise DatasetError(f"{self.path}: has no labels; long-tail options need a labelled dataset")
             indices = select_longtail(self.dataset.labels, self.dataset.num_classes, hp.longtail_imbalance,
                                       hp.longtail_profile, hp.longtail_seed).indices
-        if hp.val_fraction == 0.0:
-            return indices, indices
         order = np.random.RandomState(hp.seed).permutation(len(indices))
-        n_val = max(1, int(round(hp.val_fraction * len(indices))))
-        return np.sort(indices[order[n_val:]]), np.sort(indices[order[:n_val]])
+        if hp.val_fraction == 0.0:
+            train, val = indices, indices[order]
+        else:
+            n_val = max(1, int(round(hp.val_fraction * len(indices))))
+            train, val = np.sort(indices[order[n_val:]]), indices[order[:n_val]]
+        return train, np.sort(val[: hp.val_max_images])
 
     @property
     def train_indices(self) -> np.ndarray:
@@ -155,8 +190,9 @@ class DiffusionDataModule(L.LightningDataModule):
         self.val_set = _TrainingView(self.dataset, val, xflip=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        sampler = EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -165,6 +201,12 @@ class DiffusionDataModule(L.LightningDataModule):
         if not hasattr(self, "train_set"):
             self.setup("fit")
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``(seed, label)`` items; images depend on their seed only (see :mod:`~diffusion_transfer.data.seeds`)."""
+        seeds = parse_seeds(self.hparams.predict_seeds)
+        labels = assign_labels(len(seeds), self.num_classes, self.hparams.predict_labels)
+        return DataLoader(SeedLabelDataset(seeds, labels), batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "val_set"):

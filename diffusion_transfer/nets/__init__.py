@@ -1,1 +1,5 @@
-"""Plain ``nn.Module`` denoisers (no Lightning imports): DiT, UNets."""
+"""Plain ``nn.Module`` denoisers (no Lightning imports)."""
+
+from .dit import DiT, DiT_CONFIGS, build_dit
+
+__all__ = ["DiT", "DiT_CONFIGS", "build_dit"]

@@ -1,0 +1,78 @@
+"""``ImageWriter``: write ``predict`` samples as ``{seed:06d}.png`` files, and optionally a dataset zip."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from ..data.archive import UNLABELLED, ClassInfo, write_dataset_zip
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` float in [-1, 1] -> ``[B, H, W, C]`` uint8 (DiT/EDM rule: clamp(127.5 x + 128))."""
+    pixels = (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ImageWriter(BasePredictionWriter):
+    """Write each predicted image as ``output_dir/{seed:06d}.png``.
+
+    ``predict_step`` must return a dict with ``images`` (``[B, C, H, W]`` in [-1, 1]), ``seeds`` and
+    ``labels`` (``[B]``). Each file is written under a temporary name and renamed, so an interrupted run
+    never leaves a half-written PNG. With ``zip_path``, rank 0 packs all images (in seed order) into a
+    StyleGAN/EDM dataset zip with their labels once prediction ends; that is how replay banks of
+    pre-trained samples are built.
+
+    Args:
+        output_dir: folder for the PNGs (created).
+        zip_path: optional dataset zip to write at the end.
+    """
+
+    def __init__(self, output_dir: str = "samples", zip_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.zip_path = zip_path
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        labels = prediction["labels"].tolist()
+        for image, seed, label in zip(to_uint8(prediction["images"]), prediction["seeds"].tolist(), labels,
+                                      strict=True):
+            final = self.output_dir / f"{seed:06d}.png"
+            partial = final.with_name(f".{final.name}.partial")
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(partial, format="PNG")
+            os.replace(partial, final)
+            if label != UNLABELLED:
+                (self.output_dir / f"{seed:06d}.label").write_text(str(label))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.zip_path is None:
+            return
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            files = sorted(self.output_dir.glob("[0-9]*.png"))
+
+            def items():
+                for f in files:
+                    label_file = f.with_suffix(".label")
+                    label = int(label_file.read_text()) if label_file.exists() else None
+                    yield np.asarray(Image.open(f)), label
+
+            # Name the model's classes so the zip keeps the full label space even if some are not drawn.
+            names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
+            num_classes = getattr(pl_module, "num_classes", 0)
+            classes = ClassInfo(class_names=names or ([str(c) for c in range(num_classes)] or None),
+                                superclasses=getattr(trainer.datamodule, "superclass_of", None))
+            write_dataset_zip(self.zip_path, items(), classes,
+                              extra={"generated": {"seeds": [int(f.stem) for f in files]}})
+        trainer.strategy.barrier()

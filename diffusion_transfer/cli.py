@@ -1,0 +1,77 @@
+"""``diffusion-transfer fit|validate|test|predict --config FILE``: LightningCLI over every method and datamodule.
+
+- ``--model`` picks any :class:`DiffusionLightningBase` subclass by short name (``Diffusion``, ...), and
+  ``--data`` any LightningDataModule (``DiffusionDataModule``).
+- ``num_classes``, ``resolution`` and ``channels`` are read from the data and linked into the model.
+- The optimizer is a model argument (``--model.init_args.optimizer``); the CLI's own ``--optimizer`` is
+  off because it would optimise frozen parameters too and replace the methods' ``configure_optimizers``.
+- ``--ema.*`` configures the always-on :class:`TrainableEMA`; ``--writer.*`` the predict
+  :class:`ImageWriter` (``--writer.output_dir``, ``--writer.zip_path``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Imported so that short class names resolve (jsonargparse only sees subclasses that exist).
+from . import methods  # noqa: F401
+from .callbacks import ImageWriter, TrainableEMA
+from .data import DatasetError
+from .data.datamodule import DiffusionDataModule  # noqa: F401
+from .methods.base import DiffusionLightningBase
+
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI with data -> model links and the EMA / image-writer option groups."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("num_classes", "resolution", "channels"):
+            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=_attribute(name),
+                                  apply_on="instantiate")
+        parser.add_lightning_class_args(TrainableEMA, "ema")
+        parser.add_lightning_class_args(ImageWriter, "writer")
+
+    def _prepare_subcommand_parser(self, trainer_class, subcommand, **kwargs):
+        parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)
+        if subcommand == "predict":
+            # The ImageWriter saves every image; keeping them all in memory too would not scale to 50k.
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+
+def _attribute(name: str):
+    def read(datamodule: LightningDataModule):
+        return getattr(datamodule, name)
+
+    return read
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:
+    """The CLI object; with ``run=False`` it only builds ``cli.model``, ``cli.datamodule``, ``cli.trainer``."""
+    return DiffusionCLI(
+        DiffusionLightningBase,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point of ``diffusion-transfer``."""
+    try:
+        build_cli(args)
+    except DatasetError as err:
+        print(f"diffusion-transfer: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Load official DiT checkpoints (or any DiT state dict) from a local path, strictly, with readable errors.
+
+Spec: ``papers/dit.md`` 4.1-4.2 and 6 ("checkpoint loading"). Accepted files:
+
+* a flat state dict (the released ``DiT-XL-2-256x256.pt`` / ``DiT-XL-2-512x512.pt``);
+* a training checkpoint dict holding ``ema`` (preferred) and/or ``model`` state dicts (DiT's ``train.py``).
+
+Files are read with ``torch.load(..., weights_only=True)``, which never runs code embedded in the pickle.
+Weights are never downloaded: a missing file raises an error saying where to get it and where to put it.
+
+This module sits at the bottom of the layer stack: it takes the model as a plain ``nn.Module`` and does not
+import ``diffusion_transfer.nets`` (nor Lightning).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DIT_RELEASE_URL",
+    "DiTCheckpointError",
+    "LoadReport",
+    "infer_dit_config",
+    "load_dit_checkpoint",
+    "read_dit_state_dict",
+]
+
+#: Where the official weights are published (facebookresearch/DiT release; CC-BY-NC, never fetched).
+DIT_RELEASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
+_OFFICIAL_FILES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
+# How many keys of each kind an error lists before summarising the rest.
+_SHOW = 5
+
+
+class DiTCheckpointError(RuntimeError):
+    """A DiT checkpoint file could not be read or does not fit the model; the message says what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_dit_checkpoint` did. Lists hold state-dict keys."""
+
+    path: str
+    source: str  # "state_dict", "ema" or "model": which part of the file was loaded
+    missing: list[str] = field(default_factory=list)  # model keys the file lacked (allowed by the caller)
+    unexpected: list[str] = field(default_factory=list)  # file keys the model lacks (allowed by the caller)
+    ignored: list[str] = field(default_factory=list)  # file keys dropped on purpose (``ignore_keys``)
+
+
+def _missing_file_message(path: Path) -> str:
+    name = path.name
+    official = name if name in _OFFICIAL_FILES else _OFFICIAL_FILES[0]
+    return (
+        f"DiT checkpoint not found: {path}\n"
+        "diffusion_transfer never downloads weights. Get the official DiT weights from the\n"
+        f"facebookresearch/DiT release: {DIT_RELEASE_URL}{official}\n"
+        f"(512 px: {DIT_RELEASE_URL}{_OFFICIAL_FILES[1]})\n"
+        f"and put the file at {path} (the DiT scripts keep them under pretrained_models/),\n"
+        "or pass the path where you stored it. The DiT weights are licensed CC-BY-NC."
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def read_dit_state_dict(
+    path: str | os.PathLike[str],
+    *,
+    prefer: str = "ema",
+    map_location: str | torch.device = "cpu",
+    trusted_globals: Sequence[Any] = (),
+) -> tuple[dict[str, Tensor], str]:
+    """Read a DiT state dict from a local file with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the ``.pt`` file.
+        prefer: for training checkpoints holding both, load ``"ema"`` (default, as DiT's ``find_model``) or
+            ``"model"``.
+        map_location: where tensors land.
+        trusted_globals: extra Python classes allowed in the pickle (``torch.serialization.safe_globals``),
+            e.g. ``[argparse.Namespace]`` for DiT ``train.py`` checkpoints, which store their ``args``. Only
+            for files you trust; nothing outside this list (and plain tensors/containers) can be unpickled.
+
+    Returns:
+        (state dict {key: Tensor}, source) with source ``"state_dict"``, ``"ema"``, ``"model"`` or
+        ``"lightning"`` (the ``net.`` weights of a diffusion_transfer checkpoint).
+
+    Raises:
+        FileNotFoundError: the file does not exist; says where to get the official weights.
+        DiTCheckpointError: the pickle holds objects ``weights_only`` refuses, or no state dict is found.
+    """
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(_missing_file_message(file))
+    try:
+        with torch.serialization.safe_globals(list(trusted_globals)):
+            obj = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message names the refused class (e.g. "GLOBAL argparse.Namespace"): keep it, add advice.
+        raise DiTCheckpointError(
+            f"{file} holds Python objects that a safe load (torch.load(weights_only=True)) refuses.\n"
+            "Training checkpoints of DiT's train.py store an argparse.Namespace under 'args'.\n"
+            "To proceed, if you trust the file:\n"
+            "  * pass trusted_globals=[argparse.Namespace] (or the class named below) to allow it, or\n"
+            "  * convert it once to a plain state dict: "
+            "ck = torch.load(path, weights_only=False); torch.save(ck['ema'], 'DiT-ema.pt')\n"
+            f"torch said: {err}"
+        ) from err
+
+    if _is_state_dict(obj):
+        return dict(obj), "state_dict"
+    if isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
+        # A diffusion_transfer (Lightning) checkpoint: the denoiser is the "net." sub-dict, which holds the
+        # EMA weights when the run used TrainableEMA.
+        net = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
+        if net:
+            return net, "lightning"
+    if isinstance(obj, Mapping):
+        order = ("ema", "model") if prefer == "ema" else ("model", "ema")
+        for key in order:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key]), key
+    found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+    raise DiTCheckpointError(
+        f"{file} is not a DiT state dict: expected a flat {{key: tensor}} dict or a dict with an 'ema' "
+        f"or 'model' state dict, found {found}. Save the model's state_dict() (or its EMA) and pass that "
+        "file."
+    )
+
+
+def infer_dit_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Guess a DiT's architecture from state-dict shapes (for error messages and tools).
+
+    Returns any of ``depth``, ``hidden_size``, ``in_channels``, ``patch_size``, ``input_size``,
+    ``learn_sigma``, ``table_rows`` that the shapes determine. ``num_heads`` cannot be read from shapes.
+    ``table_rows`` is ``num_classes + 1`` for models trained with class dropout (usual; 1001 for ImageNet).
+    """
+    cfg: dict[str, Any] = {}
+    depth = sum(1 for k in state_dict if k.startswith("blocks.") and k.endswith(".attn.qkv.weight"))
+    if depth:
+        cfg["depth"] = depth
+    patch = state_dict.get("x_embedder.proj.weight")
+    if patch is not None and patch.ndim == 4:
+        cfg.update(hidden_size=patch.shape[0], patch_size=patch.shape[2], in_channels=patch.shape[1])
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and "patch_size" in cfg:
+        side = math.isqrt(pos.shape[1])
+        if side * side == pos.shape[1]:
+            cfg["input_size"] = side * cfg["patch_size"]
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    if table is not None:
+        cfg["table_rows"] = table.shape[0]
+    final = state_dict.get("final_layer.linear.weight")
+    if final is not None and "patch_size" in cfg:
+        out_channels = final.shape[0] // cfg["patch_size"] ** 2
+        cfg["learn_sigma"] = out_channels == 2 * cfg["in_channels"]
+    return cfg
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _listing(title: str, rows: list[str]) -> str:
+    more = f"\n    ... and {len(rows) - _SHOW} more" if len(rows) > _SHOW else ""
+    return f"  {title} ({len(rows)}):\n    " + "\n    ".join(rows[:_SHOW]) + more
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items()) or "unknown layout"
+
+
+def load_dit_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    ignore_keys: Iterable[str] = (),
+    prefer: str = "ema",
+    trusted_globals: Sequence[Any] = (),
+) -> LoadReport:
+    """Load a DiT checkpoint file into ``model`` (our ``DiT`` or anything with the same key layout).
+
+    Keys and shapes must match exactly unless the caller whitelists differences, which is how a method states
+    what it adds or replaces (e.g. FineDiffusion: ``ignore_keys=["y_embedder.embedding_table.weight"]`` and
+    ``allow_missing=["blocks.*.norm*", "final_layer.norm_final.*"]``). Patterns are ``fnmatch`` globs.
+
+    Args:
+        model: the module to fill (parameters are copied in place; dtype/device of the model are kept).
+        path: local ``.pt`` file; see :func:`read_dit_state_dict` for accepted contents, ``prefer`` and
+            ``trusted_globals``.
+        strict: if False, any missing/unexpected key is tolerated (and reported); shape mismatches raise.
+        allow_missing: model keys that may be absent from the file (they keep their current values).
+        allow_unexpected: file keys the model may lack (they are skipped).
+        ignore_keys: file keys dropped before comparing (e.g. a label table that is re-initialised).
+
+    Returns:
+        A :class:`LoadReport` with the tolerated missing/unexpected and the ignored keys.
+
+    Raises:
+        FileNotFoundError: no such file (the message says where to get the official weights).
+        DiTCheckpointError: unreadable file, or keys/shapes that do not fit; the message names the file, the
+            first mismatched keys with their shapes, the layout the file implies, and what to do.
+    """
+    file = Path(path).expanduser()
+    loaded, source = read_dit_state_dict(file, prefer=prefer, trusted_globals=trusted_globals)
+    ignore = tuple(ignore_keys)
+    ignored = sorted(k for k in loaded if _matches(k, ignore))
+    state = {k: v for k, v in loaded.items() if k not in set(ignored)}
+
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    mismatched = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    allow_m, allow_u = tuple(allow_missing), tuple(allow_unexpected)
+    bad_missing = [] if not strict else [k for k in missing if not _matches(k, allow_m)]
+    bad_unexpected = [] if not strict else [k for k in unexpected if not _matches(k, allow_u)]
+
+    if mismatched or bad_missing or bad_unexpected:
+        parts = [
+            f"DiT checkpoint {file} (part: {source}) does not fit the model: "
+            f"{len(mismatched)} shape-different, {len(bad_missing)} missing and {len(bad_unexpected)} "
+            "unexpected key(s)."
+        ]
+        if mismatched:
+            rows = [
+                f"{k}: file {_fmt_shape(state[k].shape)} vs model {_fmt_shape(target[k].shape)}"
+                for k in mismatched
+            ]
+            parts.append(_listing("shape-different (file vs model)", rows))
+        if bad_missing:
+            parts.append(
+                _listing("missing from the file", [f"{k} {_fmt_shape(target[k].shape)}" for k in bad_missing])
+            )
+        if bad_unexpected:
+            rows = [f"{k} {_fmt_shape(state[k].shape)}" for k in bad_unexpected]
+            parts.append(_listing("unexpected in the file", rows))
+        parts.append(f"  the file looks like: {_describe(infer_dit_config(state))}")
+        parts.append(f"  the model looks like: {_describe(infer_dit_config(target))}")
+        parts.append(
+            "What to do: build the model with the file's architecture (the official DiT-XL-2-256x256.pt is "
+            "build_dit('DiT-XL/2'), input_size=32; the 512x512 file needs input_size=64; its 1001-row label\n"
+            "table needs num_classes=1000 with class_dropout_prob > 0). If the difference is intended (new\n"
+            "layers, a new label table), declare it with allow_missing / allow_unexpected / ignore_keys."
+        )
+        raise DiTCheckpointError("\n".join(parts))
+
+    # Every remaining key exists in the model with the right shape; missing ones were allowed above.
+    model.load_state_dict(state, strict=False)
+    return LoadReport(path=str(file), source=source, missing=missing, unexpected=unexpected, ignored=ignored)

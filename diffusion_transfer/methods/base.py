@@ -1,0 +1,225 @@
+"""``DiffusionLightningBase``: what every method shares (optimizer, logging, sampling API, predict, grids).
+
+A method subclasses it and provides two things:
+
+- ``loss(batch) -> dict`` with a scalar ``loss`` (and any other scalars to log);
+- ``generate(noise, labels, generators, **sampling) -> images`` in [-1, 1].
+
+Everything else (optimizer over trainable parameters only, NaN guard, ``sample``, ``predict_step``,
+validation loss and sample grids) lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..data.archive import UNLABELLED
+from ..data.seeds import assign_labels
+
+
+def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Default optimizer: AdamW, lr 1e-4, weight decay 0 (the DiT recipe)."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class DiffusionLightningBase(L.LightningModule):
+    """Base of every method: a denoiser ``self.net``, a noise process, and the shared training plumbing.
+
+    Args:
+        num_classes: number of classes of the data (0 = unconditional); linked from the data by the CLI.
+        resolution: image (or latent) side in pixels.
+        channels: image (or latent) channels.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``); it only ever
+            receives :meth:`trainable_parameters`. Default AdamW(lr=1e-4, weight_decay=0).
+        lr_scheduler: optional ``optimizer -> scheduler`` callable, stepped every optimizer step.
+        val_num_images: images in the sample grid logged at each validation (0 disables).
+        val_seed: seed of the validation grid (fixed, so grids are comparable across steps).
+        train_seed: seed of the training noise; step k on rank r uses a seed derived from (train_seed, k, r).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 0,
+        resolution: int = 32,
+        channels: int = 3,
+        optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        val_num_images: int = 16,
+        val_seed: int = 0,
+        train_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # Callables are kept as attributes, never read back from hparams: under LightningCLI the hparams
+        # hold their parsed config, not the callable.
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.num_classes = num_classes
+        self.resolution = resolution
+        self.channels = channels
+        self.val_num_images = val_num_images
+        self.val_seed = val_seed
+        self.train_seed = train_seed
+
+    # ------------------------------------------------------------------------------------ to override
+
+    def loss(self, batch: Any) -> dict[str, Tensor]:
+        """Training loss of a batch: a dict with scalar ``loss`` plus other scalars to log."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(batch)")
+
+    def generate(self, noise: Tensor, labels: Tensor, generators: Sequence[torch.Generator],
+                 **sampling: Any) -> Tensor:
+        """Images ``[B, C, R, R]`` in [-1, 1] from starting noise ``[B, C, R, R]`` and labels ``[B]``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement generate(noise, labels, generators)")
+
+    # ------------------------------------------------------------------------------------ training
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates (``requires_grad=True``); frozen ones never reach it."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        # All randomness of a step (timesteps, noise, label dropout) comes from a seed derived from
+        # (seed, step, rank): a resumed run then takes exactly the steps an uninterrupted one would, and the
+        # global RNG (data order, user code) is left alone.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_step_seed(self.train_seed, self.global_step, self.global_rank))
+            losses = self.loss(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the loss is {loss.item()} at step {self.global_step}; lower the learning "
+                "rate (model.init_args.optimizer.init_args.lr), prefer bf16-mixed to 16-mixed, or clip gradients "
+                "(trainer.gradient_clip_val)"
+            )
+        batch_size = _batch_size(batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False,
+                      batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    def _labels_for(self, num_images: int, labels: Tensor | Sequence[int] | int | None) -> Tensor:
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        return torch.tensor(assign_labels(num_images, self.num_classes, labels), dtype=torch.int64)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_images: int | None = None,
+        labels: Tensor | Sequence[int] | int | None = None,
+        seeds: Tensor | Sequence[int] | None = None,
+        seed: int = 0,
+        **sampling: Any,
+    ) -> Tensor:
+        """Generate images in eval mode, each from its own seed.
+
+        Args:
+            num_images: how many (default: ``len(seeds)``).
+            labels: None (classes in turn: 0, 1, ..., C-1, 0, ...), one class, or one label per image;
+                ignored for unconditional models.
+            seeds: one seed per image; default ``seed, seed + 1, ...``. Image i depends only on its seed
+                and label, never on the batch it is drawn in.
+            **sampling: method-specific options (e.g. ``sampler``, ``steps``, ``guidance_scale``).
+
+        Returns:
+            float ``[N, C, R, R]`` in [-1, 1] (clamped), on the module's device.
+        """
+        if seeds is None:
+            if num_images is None:
+                raise ValueError("sample() needs num_images or seeds")
+            seeds = list(range(seed, seed + num_images))
+        seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+        label_tensor = self._labels_for(len(seeds), labels).to(self.device)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        shape = (self.channels, self.resolution, self.resolution)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            images = self.generate(noise, label_tensor, generators, **sampling)
+        finally:
+            self.train(was_training)
+        return images.clamp(-1.0, 1.0)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """``batch = (seeds [B], labels [B])`` -> ``{"images", "seeds", "labels"}`` for :class:`ImageWriter`."""
+        seeds, labels = batch
+        if self.num_classes > 0 and labels.numel() and int(labels.max()) >= self.num_classes:
+            raise ValueError(f"label {int(labels.max())} is outside the model's classes 0..{self.num_classes - 1}")
+        images = self.sample(labels=labels if self.num_classes else None, seeds=seeds)
+        return {"images": images, "seeds": seeds, "labels": labels}
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        # A fixed generator per batch makes the validation loss comparable across steps.
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.val_seed + batch_idx)
+        try:
+            losses = self.loss(batch)
+        finally:
+            torch.random.set_rng_state(state)
+        self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, sync_dist=True,
+                      batch_size=_batch_size(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_num_images <= 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        images = self.sample(self.val_num_images, seed=self.val_seed)
+        self.log_image_grid(images, tag="val/samples")
+
+    def log_image_grid(self, images: Tensor, tag: str) -> Path | None:
+        """Write ``images`` ([N, C, R, R] in [-1, 1]) as a PNG grid in the run folder and to TensorBoard."""
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        from ..callbacks.writer import to_uint8
+
+        nrow = max(1, min(self.num_classes, 10)) if self.num_classes else 8
+        grid = make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, (grid + 1) / 2, self.global_step)
+        folder = self.trainer.log_dir if self.trainer is not None else None
+        if folder is None:
+            return None
+        path = Path(folder) / "samples" / f"step{self.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = to_uint8(grid[None])[0]
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+        return path
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for (seed, step, rank), decorrelated by a splitmix-style mix."""
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 64)
+    value ^= value >> 31
+    return value % (1 << 63)
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0])
+
+
+__all__ = ["DiffusionLightningBase", "UNLABELLED"]

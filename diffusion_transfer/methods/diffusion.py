@@ -1,0 +1,174 @@
+"""``Diffusion``: plain training from scratch, or full fine-tuning from a checkpoint (every paper's baseline).
+
+The loss is DiT's: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with t ~ U{0..T-1}, labels dropped to the
+null class with probability 0.1, and the IDDPM hybrid loss (MSE on eps + VB on the learned variance). The
+DiT-family methods (Diffusion Tuning, DMP, FineDiffusion) subclass this module and change the loss, the
+trainable set or the label embedder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..diffusion.gaussian import GaussianDiffusion
+from ..io.dit_checkpoint import load_dit_checkpoint
+from ..nets.dit import build_dit
+from .base import DiffusionLightningBase
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def dit_loss(net: Callable[..., Tensor], process: GaussianDiffusion, x0: Tensor, labels: Tensor,
+             force_drop_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-batch DiT training loss (hybrid loss with learned sigma, else MSE), averaged over the batch.
+
+    Args:
+        net: ``net(x_t, t, y, force_drop_ids=...) -> output [B, C or 2C, R, R]``.
+        process: the training process (T steps, not respaced).
+        x0: clean images or latents ``[B, C, R, R]``; labels: ``[B]`` int64 (-1 = null).
+        force_drop_ids: optional ``[B]`` mask of samples trained with the null label.
+
+    Returns:
+        ``{"loss", "mse", "vb"}`` scalars.
+    """
+    t = process.sample_timesteps(x0.shape[0], device=x0.device)
+    kwargs: dict[str, Any] = {"y": labels}
+    if force_drop_ids is not None:
+        kwargs["force_drop_ids"] = force_drop_ids
+    terms = process.training_losses(net, x0, t, model_kwargs=kwargs)
+    return {k: terms[k].mean() for k in ("loss", "mse", "vb")}
+
+
+class Diffusion(DiffusionLightningBase):
+    """A DiT trained with Gaussian diffusion: from scratch, or fine-tuned from a checkpoint.
+
+    Args:
+        arch: DiT name, ``DiT-S/2`` ... ``DiT-XL/8``.
+        arch_overrides: DiT arguments replacing the named config's (e.g. ``{hidden_size: 64, depth: 4,
+            num_heads: 4}`` for a tiny model).
+        checkpoint: weights to start from when ``fit`` begins: an official DiT ``.pt``, a plain state dict,
+            or a diffusion_transfer ``.ckpt`` (its EMA weights). Shapes must match exactly.
+        class_dropout_prob: label dropout for classifier-free guidance (DiT: 0.1).
+        learn_sigma: learned-range variance with the hybrid loss (DiT: True); False = fixed variance, MSE.
+        schedule: ``linear`` (DiT) or ``cosine``. prediction: ``epsilon``, ``x0`` or ``v``.
+        num_timesteps: T (1000).
+        sampler: ``ddpm`` (ancestral) or ``ddim``. sample_steps: respaced steps (DiT: 250).
+        guidance_scale: classifier-free guidance s in ``u + s (c - u)`` (1 = none; DiT: 1.5 FID, 4.0 pictures).
+        guidance_channels: guide only the first k channels (3 reproduces DiT); None guides all.
+        eta: DDIM noise (0 = deterministic).
+        compile: wrap the net in ``torch.compile`` for training and sampling.
+        **kwargs: :class:`DiffusionLightningBase` arguments (num_classes, resolution, channels, optimizer, ...).
+    """
+
+    def __init__(
+        self,
+        arch: str = "DiT-S/2",
+        arch_overrides: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        schedule: str = "linear",
+        prediction: str = "epsilon",
+        num_timesteps: int = 1000,
+        sampler: str = "ddpm",
+        sample_steps: int = 250,
+        guidance_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        eta: float = 0.0,
+        compile: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+        # Unconditional data still gets a one-row table plus the null row; every label is then -1 (null).
+        self.net = build_dit(arch, input_size=self.resolution, in_channels=self.channels,
+                             num_classes=max(self.num_classes, 1), class_dropout_prob=class_dropout_prob,
+                             learn_sigma=learn_sigma, **(arch_overrides or {}))
+        self.process = GaussianDiffusion(num_timesteps, schedule, prediction,
+                                         "learned_range" if learn_sigma else "fixedlarge")
+        self.checkpoint = checkpoint
+        self.sampling = {"sampler": sampler, "steps": sample_steps, "guidance_scale": guidance_scale,
+                         "guidance_channels": guidance_channels, "eta": eta}
+        self._respaced: dict[tuple[int, str], GaussianDiffusion] = {}
+        self._pretrained_loaded = False
+        self._compile = compile
+        self._compiled: Any = None
+
+    @property
+    def denoiser(self) -> Callable[..., Tensor]:
+        """The net, or its ``torch.compile`` wrapper (kept outside the module tree: no duplicate weights)."""
+        if not self._compile:
+            return self.net
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+        return self._compiled
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def load_pretrained(self) -> None:
+        """Load ``checkpoint`` into the net (done once, when ``fit`` starts; a resumed run overrides it)."""
+        if self.checkpoint and not self._pretrained_loaded:
+            report = load_dit_checkpoint(self.net, self.checkpoint)
+            self._pretrained_loaded = True
+            self.print(f"loaded {report.source} weights from {self.checkpoint}")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.load_pretrained()
+
+    # ------------------------------------------------------------------------------------ training
+
+    def loss(self, batch: Any) -> dict[str, Tensor]:
+        x0, labels = batch
+        return dit_loss(self.denoiser, self.process, x0, labels)
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    def sampling_process(self, steps: int) -> GaussianDiffusion:
+        """The training process respaced to ``steps`` (cached; kept out of the module's children)."""
+        key = (steps, str(self.process.betas.device))
+        if key not in self._respaced:
+            spec = f"ddim{steps}" if self.sampling["sampler"] == "ddim" and steps < self.process.num_timesteps \
+                else steps
+            self._respaced[key] = self.process.respace(spec) if steps != self.process.num_timesteps \
+                else self.process
+        return self._respaced[key]
+
+    def guided_denoiser(self, labels: Tensor, guidance_scale: float,
+                        guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """``model_fn(x, t)`` with classifier-free guidance: one doubled batch ``[x; x]`` with labels ``[y; null]``."""
+        if guidance_scale == 1.0 or self.num_classes == 0:
+            return lambda x, t: self.denoiser(x, t, labels)
+        null = torch.full_like(labels, -1)
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+            cond, uncond = out.chunk(2)
+            return self.process.guided_output(cond, uncond, guidance_scale, guidance_channels)
+
+        return model_fn
+
+    def generate(self, noise: Tensor, labels: Tensor, generators: Sequence[torch.Generator],
+                 **sampling: Any) -> Tensor:
+        """Sample with this module's sampling settings, each overridable by keyword.
+
+        Keywords: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_channels``, ``eta``, ``progress``.
+        """
+        unknown = set(sampling) - set(self.sampling) - {"progress"}
+        if unknown:
+            raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(self.sampling)}")
+        opts = {**self.sampling, **sampling}
+        if opts["sampler"] not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{opts['sampler']}'; choose one of {', '.join(SAMPLERS)}")
+        process = self.sampling_process(int(opts["steps"]))
+        model_fn = self.guided_denoiser(labels, float(opts["guidance_scale"]), opts["guidance_channels"])
+        common = {"noise": noise, "generator": list(generators), "progress": bool(opts.get("progress", False))}
+        if opts["sampler"] == "ddim":
+            return process.ddim_sample(model_fn, eta=float(opts["eta"]), **common)
+        return process.ddpm_sample(model_fn, **common)
