@@ -4,7 +4,7 @@ VENV ?= .venv
 # torch/torchvision are installed first, pinned, so pip never swaps in another (multi-GB) build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-DEMO_DIR ?= runs/demo
+DEMO_DIR := runs/demo
 
 .PHONY: demo test lint install install-dev notebooks benchmarks clean
 
@@ -24,11 +24,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/diffusion-transfer-data shapes $(DEMO_DIR)/shapes-filled-16.zip --resolution 16 --per-class 100 --seed 0 --domain filled
-	$(VENV)/bin/diffusion-transfer-data shapes $(DEMO_DIR)/shapes-outline-16.zip --resolution 16 --per-class 100 --seed 1 --domain outline
-	$(VENV)/bin/diffusion-transfer-data longtail $(DEMO_DIR)/shapes-outline-16.zip $(DEMO_DIR)/shapes-outline-16-lt.zip --imbalance 0.1
-	$(VENV)/bin/diffusion-transfer-data info $(DEMO_DIR)/shapes-outline-16-lt.zip
+$(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
+	$(VENV)/bin/diffusion-transfer-data shapes $@ --resolution 16 --per-class 200 --seed 0 --domain $*
+
+# Stage 1 runs once; delete the checkpoint to pre-train again.
+$(DEMO_DIR)/checkpoints/pretrained-filled.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
+	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
+
+demo: $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt $(DEMO_DIR)/shapes-outline-16.zip
+	$(VENV)/bin/diffusion-transfer fit --config configs/quickstart.yaml
+	$(VENV)/bin/diffusion-transfer predict --config configs/quickstart.yaml --ckpt_path $(DEMO_DIR)/checkpoints/quickstart-outline.ckpt
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

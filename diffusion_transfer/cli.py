@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,6 +23,7 @@ from . import methods  # noqa: F401
 from .callbacks import ImageWriter, TrainableEMA
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
+from .io.dit_checkpoint import DiTCheckpointError
 from .methods.base import DiffusionLightningBase
 
 
@@ -41,6 +43,30 @@ class DiffusionCLI(LightningCLI):
             # The ImageWriter saves every image; keeping them all in memory too would not scale to 50k.
             parser.set_defaults(return_predictions=False)
         return parser
+
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective call (it broadcasts): every rank must make it
+        if not trainer.is_global_zero:
+            return
+        lines = [f"run folder: {log_dir}  (TensorBoard: tensorboard --logdir {log_dir})"]
+        grids = sorted(Path(log_dir or ".").glob("samples/step*.png"))
+        if grids:
+            lines.append(f"sample grid: {grids[-1]}")
+        callback = trainer.checkpoint_callback
+        checkpoint = callback and (callback.best_model_path or callback.last_model_path)
+        if checkpoint:
+            lines.append(f"checkpoint: {checkpoint}")
+        print("\n".join(lines))
+
+    def after_predict(self) -> None:
+        writers = [c for c in self.trainer.callbacks if isinstance(c, ImageWriter)]
+        if writers and self.trainer.is_global_zero:
+            writer = writers[0]
+            count = len(list(writer.output_dir.glob("*.png")))
+            also = f" and {writer.zip_path}" if writer.zip_path else ""
+            print(f"wrote {count} images to {writer.output_dir}{also}")
 
 
 def _attribute(name: str):
@@ -68,9 +94,26 @@ def main(args: Sequence[str] | None = None) -> None:
     """Console entry point of ``diffusion-transfer``."""
     try:
         build_cli(args)
-    except DatasetError as err:
-        print(f"diffusion-transfer: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - re-raised below unless it is an expected input problem
+        expected = _expected_error(err)
+        if expected is None:
+            raise
+        # Expected problems with inputs: the message names the file or step and the fix; no traceback.
+        print(f"diffusion-transfer: error: {expected}", file=sys.stderr)
         sys.exit(2)
+
+
+_EXPECTED = (DatasetError, DiTCheckpointError, FileNotFoundError, FloatingPointError)
+
+
+def _expected_error(err: BaseException | None) -> BaseException | None:
+    """The expected input error behind ``err`` (jsonargparse wraps errors raised while linking arguments)."""
+    while err is not None:
+        if isinstance(err, _EXPECTED):
+            return err
+        err = err.__cause__
+    return None
+
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -43,6 +44,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.skip = 0  # indices of this epoch already consumed before a resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,7 +54,37 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside an epoch is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` of loaders that have one and hands it back on resume, so a run resumed
+    from a mid-epoch checkpoint continues with the batches an uninterrupted run would have seen. (Only with
+    :class:`EpochShuffleSampler`; under DDP Lightning wraps the sampler and a resume restarts the epoch.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._resume_at and isinstance(self.sampler, EpochShuffleSampler):
+            self.sampler.skip = self._resume_at * self.batch_size
+        self._batches_yielded, self._resume_at = self._resume_at, 0
+        for batch in super().__iter__():
+            self._batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_at = int(state_dict.get("batches_yielded", 0))
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -191,7 +223,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         sampler = EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None
-        return DataLoader(
+        return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

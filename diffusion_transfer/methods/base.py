@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..data.archive import UNLABELLED
+from ..data.archive import UNLABELLED, DatasetError
 from ..data.seeds import assign_labels
 
 
@@ -165,7 +165,7 @@ class DiffusionLightningBase(L.LightningModule):
         """``batch = (seeds [B], labels [B])`` -> ``{"images", "seeds", "labels"}`` for :class:`ImageWriter`."""
         seeds, labels = batch
         if self.num_classes > 0 and labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(f"label {int(labels.max())} is outside the model's classes 0..{self.num_classes - 1}")
+            raise DatasetError(f"label {int(labels.max())} is outside the model's classes 0..{self.num_classes - 1}")
         images = self.sample(labels=labels if self.num_classes else None, seeds=seeds)
         return {"images": images, "seeds": seeds, "labels": labels}
 
@@ -183,13 +183,15 @@ class DiffusionLightningBase(L.LightningModule):
                       batch_size=_batch_size(batch))
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_num_images <= 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if self.val_num_images <= 0 or self.trainer.sanity_checking:
             return
-        images = self.sample(self.val_num_images, seed=self.val_seed)
-        self.log_image_grid(images, tag="val/samples")
+        folder = self.trainer.log_dir  # a collective call (it broadcasts): every rank must make it
+        if self.trainer.is_global_zero:
+            images = self.sample(self.val_num_images, seed=self.val_seed)
+            self.log_image_grid(images, tag="val/samples", folder=folder)
 
-    def log_image_grid(self, images: Tensor, tag: str) -> Path | None:
-        """Write ``images`` ([N, C, R, R] in [-1, 1]) as a PNG grid in the run folder and to TensorBoard."""
+    def log_image_grid(self, images: Tensor, tag: str, folder: str | None = None) -> Path | None:
+        """Write ``images`` ([N, C, R, R] in [-1, 1]) as a PNG grid under ``folder/samples`` and to TensorBoard."""
         from PIL import Image
         from torchvision.utils import make_grid
 
@@ -200,7 +202,6 @@ class DiffusionLightningBase(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image(tag, (grid + 1) / 2, self.global_step)
-        folder = self.trainer.log_dir if self.trainer is not None else None
         if folder is None:
             return None
         path = Path(folder) / "samples" / f"step{self.global_step:07d}.png"

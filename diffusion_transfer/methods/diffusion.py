@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
@@ -116,7 +117,7 @@ class Diffusion(DiffusionLightningBase):
         if self.checkpoint and not self._pretrained_loaded:
             report = load_dit_checkpoint(self.net, self.checkpoint)
             self._pretrained_loaded = True
-            self.print(f"loaded {report.source} weights from {self.checkpoint}")
+            rank_zero_info(f"loaded {report.source} weights from {self.checkpoint}")
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
