@@ -214,3 +214,15 @@ def test_checkpoint_of_another_size_names_file_and_keys(tmp_path: Path) -> None:
 def test_unknown_model_name_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="DiT-XL/2"):
         tiny_model(arch="DiT-M/2")
+
+
+def test_each_sampler_uses_its_own_timestep_spacing() -> None:
+    model = tiny_model()
+    seen: list[int] = []
+    forward = model.net.forward
+    model.net.forward = lambda x, t, y, **kw: (seen.append(int(t[0])), forward(x, t, y, **kw))[1]
+    model.sample(1, sampler="ddpm", steps=10)
+    ddpm, seen[:] = sorted(seen), []
+    model.sample(1, sampler="ddim", steps=10)
+    assert sorted(seen) == list(range(0, 1000, 100))  # DDIM's even stride
+    assert ddpm[0] == 0 and ddpm[-1] == 999 and len(ddpm) == 10  # IDDPM spacing keeps both ends

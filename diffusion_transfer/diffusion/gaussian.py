@@ -664,12 +664,8 @@ class GaussianDiffusion(nn.Module):
             x [B, C, ...], not clipped.
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
-        kwargs = model_kwargs or {}
-        for i in self._indices(reverse=True, progress=progress):
-            t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x, _ = self.ddpm_step(model_fn(x, self.model_timesteps(t), **kwargs), x, t,
+        return self._reverse_loop(self.ddpm_step, model_fn, x, model_kwargs, progress,
                                   clip_denoised=clip_denoised, generator=generator)
-        return x
 
     @torch.no_grad()
     def ddim_sample(self, model_fn: ModelFn, shape: Sequence[int] | None = None, *,
@@ -686,11 +682,16 @@ class GaussianDiffusion(nn.Module):
             x [B, C, ...], not clipped.
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
+        return self._reverse_loop(self.ddim_step, model_fn, x, model_kwargs, progress, eta=eta,
+                                  clip_denoised=clip_denoised, generator=generator)
+
+    def _reverse_loop(self, step: Callable[..., tuple[Tensor, Tensor]], model_fn: ModelFn, x: Tensor,
+                      model_kwargs: dict[str, Any] | None, progress: bool, **step_kwargs: Any) -> Tensor:
+        """Run ``step`` (:meth:`ddpm_step` or :meth:`ddim_step`) from index N-1 down to 0."""
         kwargs = model_kwargs or {}
         for i in self._indices(reverse=True, progress=progress):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x, _ = self.ddim_step(model_fn(x, self.model_timesteps(t), **kwargs), x, t, eta=eta,
-                                  clip_denoised=clip_denoised, generator=generator)
+            x, _ = step(model_fn(x, self.model_timesteps(t), **kwargs), x, t, **step_kwargs)
         return x
 
     @torch.no_grad()

@@ -131,14 +131,17 @@ class Diffusion(DiffusionLightningBase):
 
     # ------------------------------------------------------------------------------------ sampling
 
-    def sampling_process(self, steps: int) -> GaussianDiffusion:
-        """The training process respaced to ``steps`` (cached; kept out of the module's children)."""
-        key = (steps, str(self.process.betas.device))
+    def sampling_process(self, steps: int, sampler: str) -> GaussianDiffusion:
+        """The training process respaced for ``sampler`` with ``steps`` steps (cached, not a child module).
+
+        DDIM uses DDIM's even stride (``"ddim50"``: 0, 20, ..., 980); DDPM uses IDDPM's rounding, which keeps
+        both ends (``"250"``: 0, 4, ..., 999), as DiT samples.
+        """
+        full = steps >= self.process.num_timesteps
+        spec = "full" if full else (f"ddim{steps}" if sampler == "ddim" else str(steps))
+        key = (spec, str(self.process.betas.device))
         if key not in self._respaced:
-            spec = f"ddim{steps}" if self.sampling["sampler"] == "ddim" and steps < self.process.num_timesteps \
-                else steps
-            self._respaced[key] = self.process.respace(spec) if steps != self.process.num_timesteps \
-                else self.process
+            self._respaced[key] = self.process if full else self.process.respace(spec)
         return self._respaced[key]
 
     def guided_denoiser(self, labels: Tensor, guidance_scale: float,
@@ -167,7 +170,7 @@ class Diffusion(DiffusionLightningBase):
         opts = {**self.sampling, **sampling}
         if opts["sampler"] not in SAMPLERS:
             raise ValueError(f"unknown sampler '{opts['sampler']}'; choose one of {', '.join(SAMPLERS)}")
-        process = self.sampling_process(int(opts["steps"]))
+        process = self.sampling_process(int(opts["steps"]), opts["sampler"])
         model_fn = self.guided_denoiser(labels, float(opts["guidance_scale"]), opts["guidance_channels"])
         common = {"noise": noise, "generator": list(generators), "progress": bool(opts.get("progress", False))}
         if opts["sampler"] == "ddim":
