@@ -18,7 +18,7 @@ $(VENV)/.installed: $(PY) setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,vae]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,9 +38,12 @@ def tiny_config(tmp_path: Path, data: Path, **trainer) -> Path:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO)) for c in CONFIGS])
 def test_every_config_instantiates(config: Path, shapes_zip: Path, tmp_path: Path) -> None:
+    # Model and data stay as configured (at tiny width); only the hardware settings move to this CPU.
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+           "--trainer.precision", "32-true"]
     cli = build_cli(["--config", str(config), "--data.init_args.path", str(shapes_zip),
                      "--model.init_args.checkpoint", "null", "--trainer.default_root_dir", str(tmp_path),
-                     *TINY_MODEL], run=False)
+                     *TINY_MODEL, *cpu], run=False)
     assert cli.model.num_classes == 20 and cli.model.resolution == 16 and cli.model.channels == 3
     assert cli.datamodule.num_classes == 20
 

@@ -4,15 +4,16 @@
 """
 
 from .archive import UNLABELLED, ClassInfo, DatasetError, ImageCollection, write_dataset_zip
-from .datasets import ImageDataset, ImageFolderDataset, ZipImageDataset
+from .datasets import ImageDataset, ImageFolderDataset, LatentDataset, ZipImageDataset, open_dataset
 from .longtail import longtail_counts, make_longtail, select_longtail
 from .shapes import make_shapes, render_shapes
 from .sources import convert, read_cifar_tarball
 
 __all__ = [
     "UNLABELLED", "ClassInfo", "DatasetError", "DiffusionDataModule", "ImageCollection", "ImageDataset",
-    "ImageFolderDataset", "ZipImageDataset", "convert", "longtail_counts", "make_longtail", "make_shapes",
-    "read_cifar_tarball", "render_shapes", "select_longtail", "write_dataset_zip",
+    "ImageFolderDataset", "LatentDataset", "ZipImageDataset", "convert", "longtail_counts", "make_longtail",
+    "make_shapes",
+    "open_dataset", "read_cifar_tarball", "render_shapes", "select_longtail", "write_dataset_zip",
 ]
 
 

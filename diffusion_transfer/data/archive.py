@@ -45,9 +45,9 @@ class DatasetError(ValueError):
     """An expected problem with user data. The message is one line that names the file and the fix."""
 
 
-def archive_name(index: int) -> str:
-    """Name of image ``index`` inside a dataset zip: ``00000/img00000000.png`` (1000 per folder)."""
-    return f"{index // 1000:05d}/img{index:08d}.png"
+def archive_name(index: int, suffix: str = ".png") -> str:
+    """Name of entry ``index`` inside a dataset zip: ``00000/img00000000.png`` (1000 per folder)."""
+    return f"{index // 1000:05d}/img{index:08d}{suffix}"
 
 
 def _is_image(name: str) -> bool:
@@ -206,6 +206,20 @@ class ImageCollection:
             ) from None
         return image
 
+    @property
+    def latents(self) -> dict[str, Any] | None:
+        """The ``latents`` record of a latent zip (scale, channels, resolution, vae), else None."""
+        return self.extra.get("latents") or None
+
+    def load_array(self, index: int) -> np.ndarray:
+        """Read ``.npy`` entry ``index`` of a latent zip (never unpickles)."""
+        data = self.storage.read(self.names[index])
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DatasetError(f"{self.where(index)}: cannot read latents ({err}); the file is truncated or "
+                               "corrupt: re-create it with `diffusion-transfer-data encode`") from None
+
     def subset(self, indices: Sequence[int]) -> ImageCollection:
         """A view of the images at ``indices`` (same storage, same class metadata)."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -233,12 +247,15 @@ class ImageCollection:
         else:
             raise DatasetError(f"{path}: not a zip archive or a folder (corrupt or of another kind); "
                                "convert it with `diffusion-transfer-data convert`")
-        names = [name for name in storage.files if _is_image(name)]
+        meta = _read_metadata(storage) if METADATA_NAME in storage.files else None
+        latents = meta is not None and bool(meta.get("latents"))
+        names = [name for name in storage.files if (name.endswith(".npy") if latents else _is_image(name))]
         if not names:
-            raise DatasetError(f"{path}: contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            looked = ".npy latents" if latents else ", ".join(IMAGE_EXTENSIONS)
+            raise DatasetError(f"{path}: contains no images (looked for {looked}); "
                                "point to the folder or zip that holds the images")
-        if METADATA_NAME in storage.files:
-            labels, classes, extra = _parse_metadata(storage, names)
+        if meta is not None:
+            labels, classes, extra = _parse_metadata(meta, storage.where(METADATA_NAME), names)
         elif isinstance(storage, _FolderStorage):
             labels, classes = _labels_from_layout(path, names)
             extra = {}
@@ -247,8 +264,7 @@ class ImageCollection:
         return cls(source=path, names=names, labels=labels, classes=classes, extra=extra, storage=storage)
 
 
-def _parse_metadata(storage: Any, names: list[str]) -> tuple[np.ndarray | None, ClassInfo, dict[str, Any]]:
-    """Read and validate ``dataset.json`` against the image names."""
+def _read_metadata(storage: Any) -> dict[str, Any]:
     where = storage.where(METADATA_NAME)
     try:
         meta = json.loads(storage.read(METADATA_NAME))
@@ -256,6 +272,12 @@ def _parse_metadata(storage: Any, names: list[str]) -> tuple[np.ndarray | None, 
         raise DatasetError(f"{where}: not valid JSON ({err}); fix or delete it") from None
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DatasetError(f'{where}: expected an object with a "labels" key ([[name, int], ...] or null)')
+    return meta
+
+
+def _parse_metadata(meta: dict[str, Any], where: str,
+                    names: list[str]) -> tuple[np.ndarray | None, ClassInfo, dict[str, Any]]:
+    """Validate ``dataset.json`` (already parsed) against the entry names."""
     classes = ClassInfo(
         class_names=_list_of(meta.get("class_names"), str, where, "class_names"),
         superclasses=_list_of(meta.get("superclasses"), int, where, "superclasses"),
@@ -353,11 +375,19 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_npy(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of an array (loaded back with ``allow_pickle=False``)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def write_dataset_zip(
     dest: str | os.PathLike[str],
     images: Iterable[tuple[np.ndarray, int | None]],
     classes: ClassInfo | None = None,
     extra: dict[str, Any] | None = None,
+    latents: bool = False,
 ) -> dict[str, Any]:
     """Write a StyleGAN/EDM dataset zip atomically.
 
@@ -366,7 +396,8 @@ def write_dataset_zip(
         images: ``(image, label)`` pairs; image is ``[H, W]`` or ``[H, W, C]`` uint8, label an int or
             None (all None gives ``"labels": null``).
         classes: class names / hierarchy written to ``dataset.json``.
-        extra: other ``dataset.json`` keys (e.g. ``longtail`` provenance).
+        extra: other ``dataset.json`` keys (e.g. ``longtail`` provenance; ``latents`` for latent zips).
+        latents: write arrays as ``.npy`` entries (any float shape) instead of PNGs.
 
     Returns:
         The ``dataset.json`` content that was written.
@@ -380,12 +411,13 @@ def write_dataset_zip(
     labels: list[int | None] = []
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            encode, suffix = (encode_npy, ".npy") if latents else (encode_png, ".png")
             for index, (image, label) in enumerate(images):
                 # A fixed timestamp makes the archive byte-identical for identical content.
-                archive.writestr(zipfile.ZipInfo(archive_name(index), date_time=(1980, 1, 1, 0, 0, 0)),
-                                 encode_png(image))
+                archive.writestr(zipfile.ZipInfo(archive_name(index, suffix), date_time=(1980, 1, 1, 0, 0, 0)),
+                                 encode(image))
                 labels.append(None if label is None else int(label))
-            meta = _metadata_json(labels, classes or ClassInfo(), extra or {}, str(tmp))
+            meta = _metadata_json(labels, classes or ClassInfo(), extra or {}, str(tmp), suffix)
             archive.writestr(zipfile.ZipInfo(METADATA_NAME, date_time=(1980, 1, 1, 0, 0, 0)),
                              json.dumps(meta, indent=1))
         os.replace(tmp, dest)
@@ -395,7 +427,8 @@ def write_dataset_zip(
     return meta
 
 
-def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str, Any], where: str) -> dict:
+def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str, Any], where: str,
+                   suffix: str = ".png") -> dict:
     if not labels:
         raise DatasetError(f"{where}: no images to write")
     has_label = [label is not None for label in labels]
@@ -403,7 +436,7 @@ def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str
         raise DatasetError(f"{where}: some images have labels and some do not; label all or none")
     meta: dict[str, Any] = {"labels": None}
     if all(has_label):
-        meta["labels"] = [[archive_name(i), label] for i, label in enumerate(labels)]
+        meta["labels"] = [[archive_name(i, suffix), label] for i, label in enumerate(labels)]
         num_classes = len(classes.class_names) if classes.class_names else max(labels) + 1  # type: ignore[type-var]
         meta["class_counts"] = np.bincount(np.asarray(labels), minlength=num_classes).tolist()
     meta.update(classes.to_json())

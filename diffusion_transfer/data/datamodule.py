@@ -12,23 +12,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .archive import DatasetError
-from .datasets import ImageDataset
+from .datasets import ImageDataset, LatentDataset, open_dataset
 from .longtail import PROFILES, select_longtail
 from .seeds import SeedLabelDataset, assign_labels, parse_seeds
 
 
 class _TrainingView(Dataset):
-    """Selected items of an :class:`ImageDataset` as float images in [-1, 1], optionally x-flipped."""
+    """Selected items as model inputs: images as floats in [-1, 1] (optionally x-flipped), or latents drawn
+    from their stored posterior, ``scale * (mean + std * eps)``, afresh at every access."""
 
-    def __init__(self, base: ImageDataset, indices: np.ndarray, xflip: bool) -> None:
+    def __init__(self, base: ImageDataset | LatentDataset, indices: np.ndarray, xflip: bool) -> None:
         self.base, self.indices, self.xflip = base, indices, xflip
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[int(self.indices[index])]
-        x = image.float().div_(127.5).sub_(1.0)
+        item, label = self.base[int(self.indices[index])]
+        if isinstance(self.base, LatentDataset):
+            mean, std = item.chunk(2)
+            return (mean + std * torch.randn_like(std)) * self.base.scale, label
+        x = item.float().div_(127.5).sub_(1.0)
         # torch's RNG is seeded per DataLoader worker, so flips differ across workers and epochs.
         if self.xflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
@@ -89,6 +93,9 @@ class ResumableDataLoader(DataLoader):
 
 class DiffusionDataModule(L.LightningDataModule):
     """Images of a dataset zip or folder, as batches ``(x [B, C, R, R] float in [-1, 1], y [B] int64)``.
+
+    A latent zip (``diffusion-transfer-data encode``) gives batches of scaled VAE latents ``[B, C, h, h]``
+    instead, drawn from each image's stored posterior; ``resolution`` and ``channels`` are then the latent's.
 
     Args:
         path: dataset zip (StyleGAN/EDM format) or image folder.
@@ -152,9 +159,13 @@ class DiffusionDataModule(L.LightningDataModule):
     # The dataset is opened on first use (not in __init__) so that a datamodule can be built cheaply and
     # pickled to spawned processes; properties trigger it because the CLI links them before setup().
     @cached_property
-    def dataset(self) -> ImageDataset:
-        """The full underlying :class:`ImageDataset`."""
-        return ImageDataset(self.path, self.expected_resolution)
+    def dataset(self) -> ImageDataset | LatentDataset:
+        """The full underlying dataset: :class:`ImageDataset`, or :class:`LatentDataset` for latent zips."""
+        dataset = open_dataset(self.path, self.expected_resolution)
+        if isinstance(dataset, LatentDataset) and self.xflip:
+            raise DatasetError(f"{self.path}: xflip cannot flip VAE latents; set xflip false (DiT flips images "
+                               "before encoding: encode a flipped copy of the data instead)")
+        return dataset
 
     @cached_property
     def _splits(self) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike[str], resolution: int | None = None, channels: int | None = None):
         self.collection = ImageCollection.open(path)
+        if self.collection.latents:
+            raise DatasetError(f"{path}: holds VAE latents, not images; read it with LatentDataset (or "
+                               "DiffusionDataModule, which picks the right one)")
         first = self.collection.load(0)
         found = 1 if first.mode in _CHANNELS_OF_MODE else 3
         if channels not in (None, 1, 3):
@@ -96,3 +99,61 @@ class ImageFolderDataset(ImageDataset):
         if Path(path).exists() and not Path(path).is_dir():
             raise DatasetError(f"{path}: is a file, not a folder; use ZipImageDataset for dataset zips")
         super().__init__(path, resolution, channels)
+
+
+class LatentDataset(Dataset):
+    """A latent zip written by ``diffusion-transfer-data encode``: VAE posterior moments per image.
+
+    Items are ``(moments, label)`` with ``moments`` float32 ``[2C, h, w]``: the posterior mean in the first C
+    channels and its std in the last C (unscaled). Draw ``scale * (mean + std * eps)`` per use, as DiT draws
+    ``latent_dist.sample()`` at every step; :class:`~diffusion_transfer.data.DiffusionDataModule` does this.
+
+    Attributes:
+        channels: C; resolution: h (= w); scale: the latent scale (SD VAE: 0.18215).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resolution: int | None = None) -> None:
+        self.collection = ImageCollection.open(path)
+        record = self.collection.latents
+        if not record:
+            raise DatasetError(f"{path}: holds images, not latents; encode it with `diffusion-transfer-data encode`")
+        try:
+            self.channels, self.resolution = int(record["channels"]), int(record["resolution"])
+            self.scale = float(record["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"{path}: dataset.json 'latents' needs channels, resolution and scale; re-create "
+                               "it with `diffusion-transfer-data encode`") from None
+        if resolution is not None and resolution != self.resolution:
+            raise DatasetError(f"{path}: latents are {self.resolution}x{self.resolution}, expected {resolution}; "
+                               "encode images of the matching size")
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.collection.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.collection.num_classes
+
+    @property
+    def class_counts(self) -> list[int]:
+        return self.collection.class_counts
+
+    def __len__(self) -> int:
+        return len(self.collection)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        moments = self.collection.load_array(index)
+        expected = (2 * self.channels, self.resolution, self.resolution)
+        if moments.shape != expected:
+            raise DatasetError(f"{self.collection.where(index)}: latent moments have shape {moments.shape}, expected "
+                               f"{expected}; re-create the zip with `diffusion-transfer-data encode`")
+        labels = self.collection.labels
+        label = UNLABELLED if labels is None else int(labels[index])
+        return torch.from_numpy(moments.astype(np.float32, copy=False)), label
+
+
+def open_dataset(path: str | os.PathLike[str], resolution: int | None = None) -> ImageDataset | LatentDataset:
+    """:class:`LatentDataset` for latent zips, :class:`ImageDataset` for images."""
+    collection = ImageCollection.open(path)
+    return LatentDataset(path, resolution) if collection.latents else ImageDataset(path, resolution)

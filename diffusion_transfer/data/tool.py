@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .archive import DatasetError
-from .datasets import ImageDataset
+from .datasets import open_dataset
 from .longtail import PROFILES, make_longtail
 from .shapes import DOMAINS, make_shapes
 from .sources import TRANSFORMS, convert
@@ -25,7 +25,7 @@ def dataset_info(path: str, verify: bool = False) -> dict[str, Any]:
 
     With ``verify``, every image is decoded and its size checked (slow on large sets).
     """
-    dataset = ImageDataset(path)
+    dataset = open_dataset(path)
     collection = dataset.collection
     classes = collection.classes
     info: dict[str, Any] = {
@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILES, default="exp")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("encode", help="image dataset zip -> VAE latent zip (for latent DiTs)")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument("--vae", required=True, help="local folder of diffusers' AutoencoderKL (config.json + weights)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("info", help="image count, resolution, classes and counts of a dataset")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -122,13 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta = make_longtail(args.src, args.dest, args.imbalance, args.profile, args.seed, progress)
             counts = meta["class_counts"]
             print(f"wrote {args.dest}: {sum(counts)} images; per class {counts}")
+        elif args.command == "encode":
+            from .latents import encode_latents
+
+            meta = encode_latents(args.src, args.dest, args.vae, args.batch_size, args.device, progress)
+            record = meta["latents"]
+            print(f"wrote {args.dest}: {len(meta['labels'] or []) or 'unlabelled'} latents of "
+                  f"{record['channels']}x{record['resolution']}x{record['resolution']} (scale {record['scale']})")
         else:
             info = dataset_info(args.path, args.verify)
             if args.json:
                 print(json.dumps(info, indent=1))
             else:
                 _print_info(info)
-    except DatasetError as err:
+    except (DatasetError, FileNotFoundError, ImportError) as err:
         print(f"diffusion-transfer-data: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

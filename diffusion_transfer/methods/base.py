@@ -142,7 +142,8 @@ class DiffusionLightningBase(L.LightningModule):
             **sampling: method-specific options (e.g. ``sampler``, ``steps``, ``guidance_scale``).
 
         Returns:
-            float ``[N, C, R, R]`` in [-1, 1] (clamped), on the module's device.
+            float ``[N, C, R, R]`` images in [-1, 1] (clamped), on the module's device; latent models
+            return decoded images (see :meth:`to_images`).
         """
         if seeds is None:
             if num_images is None:
@@ -156,10 +157,14 @@ class DiffusionLightningBase(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            images = self.generate(noise, label_tensor, generators, **sampling)
+            images = self.to_images(self.generate(noise, label_tensor, generators, **sampling))
         finally:
             self.train(was_training)
         return images.clamp(-1.0, 1.0)
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Model-space samples -> images in [-1, 1]; identity in pixel space, VAE decoding for latents."""
+        return samples
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """``batch = (seeds [B], labels [B])`` -> ``{"images", "seeds", "labels"}`` for :class:`ImageWriter`."""

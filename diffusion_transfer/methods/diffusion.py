@@ -62,6 +62,9 @@ class Diffusion(DiffusionLightningBase):
         guidance_channels: guide only the first k channels (3 reproduces DiT); None guides all.
         eta: DDIM noise (0 = deterministic).
         compile: wrap the net in ``torch.compile`` for training and sampling.
+        vae: local folder of the SD VAE (diffusers ``AutoencoderKL``) for latent models: the net works on
+            latents (train on a zip from ``diffusion-transfer-data encode``) and samples are decoded to
+            images. Loaded on first use and never saved in checkpoints.
         **kwargs: :class:`DiffusionLightningBase` arguments (num_classes, resolution, channels, optimizer, ...).
     """
 
@@ -81,6 +84,7 @@ class Diffusion(DiffusionLightningBase):
         guidance_channels: int | None = None,
         eta: float = 0.0,
         compile: bool = False,
+        vae: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -100,6 +104,8 @@ class Diffusion(DiffusionLightningBase):
         self._pretrained_loaded = False
         self._compile = compile
         self._compiled: Any = None
+        self.vae = vae
+        self._codec: Any = None
 
     @property
     def denoiser(self) -> Callable[..., Tensor]:
@@ -109,6 +115,17 @@ class Diffusion(DiffusionLightningBase):
         if self._compiled is None:
             object.__setattr__(self, "_compiled", torch.compile(self.net))
         return self._compiled
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        if self.vae is None:
+            return samples
+        if self._codec is None:
+            from ..nets.vae import LatentCodec
+
+            # Kept outside the module tree: frozen, not averaged by EMA, never in checkpoints.
+            object.__setattr__(self, "_codec", LatentCodec.from_folder(self.vae))
+        codec = self._codec.to(samples.device)
+        return codec.decode(samples.to(next(codec.parameters()).dtype)).float()
 
     # ------------------------------------------------------------------------------------ weights
 
