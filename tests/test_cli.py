@@ -61,6 +61,10 @@ def test_fit_then_predict_writes_pngs_and_zip(shapes_zip: Path, tmp_path: Path, 
     dataset = ZipImageDataset(tmp_path / "out.zip")
     assert len(dataset) == 7 and dataset.num_classes == 20
     assert dataset.labels.tolist() == [4, 5, 4, 5, 4, 5, 4]
+    # A second run into the same folder packs its own seeds only.
+    main(["predict", "--config", str(saved), "--ckpt_path", str(checkpoint), "--data.init_args.predict_seeds", "20-21",
+          "--writer.output_dir", str(tmp_path / "out"), "--writer.zip_path", str(tmp_path / "second.zip")])
+    assert len(ZipImageDataset(tmp_path / "second.zip")) == 2
 
 
 def test_predict_label_outside_model_is_a_clear_error(shapes_zip: Path, tmp_path: Path, capsys) -> None:

@@ -131,7 +131,7 @@ class _Toy(L.LightningModule):
 
 def test_ema_decay_math_tracks_trainable_only() -> None:
     module, ema = _Toy(), TrainableEMA(decay=0.9)
-    ema.on_fit_start(None, module)
+    ema.on_fit_start(SimpleNamespace(global_step=0), module)
     assert list(ema.shadow) == ["trained"]
     expected = torch.zeros(3)
     for step, value in enumerate([1.0, 2.0, -1.0], start=1):
@@ -226,3 +226,33 @@ def test_each_sampler_uses_its_own_timestep_spacing() -> None:
     model.sample(1, sampler="ddim", steps=10)
     assert sorted(seen) == list(range(0, 1000, 100))  # DDIM's even stride
     assert ddpm[0] == 0 and ddpm[-1] == 999 and len(ddpm) == 10  # IDDPM spacing keeps both ends
+
+
+def test_predict_and_validate_from_checkpoint_use_ema_weights(shapes_zip: Path, tmp_path: Path) -> None:
+    checkpoint = _fit_with_checkpoint(shapes_zip, tmp_path, 4)
+    model = tiny_model()
+    loader = DiffusionDataModule(str(shapes_zip), batch_size=16, predict_seeds="0-1").predict_dataloader()
+    trainer(tmp_path, 1, [TrainableEMA()]).predict(model, loader, ckpt_path=tmp_path / "step=4.ckpt")
+    for name in checkpoint["ema_raw_state"]:
+        assert torch.equal(model.state_dict()[name], checkpoint["state_dict"][name]), name
+
+
+def test_fit_after_load_from_checkpoint_keeps_its_weights(shapes_zip: Path, tmp_path: Path) -> None:
+    torch.save(tiny_model().net.state_dict(), tmp_path / "pretrained.pt")
+    model = tiny_model(checkpoint=tmp_path / "pretrained.pt")  # a Path: stored as str in hparams
+    assert model.hparams.checkpoint == str(tmp_path / "pretrained.pt")
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="tuned")
+    trainer(tmp_path, 2, [saver], enable_checkpointing=True).fit(model, DiffusionDataModule(shapes_zip, batch_size=16))
+    (tmp_path / "pretrained.pt").unlink()  # continuing must not need (or reload) the initial weights
+    tuned = Diffusion.load_from_checkpoint(tmp_path / "tuned.ckpt")
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    trainer(tmp_path, 0).fit(tuned, DiffusionDataModule(str(shapes_zip), batch_size=16))
+    for name, value in tuned.named_parameters():
+        assert torch.equal(value, before[name]), name
+
+
+def test_micro_batches_of_one_step_draw_different_noise() -> None:
+    from diffusion_transfer.methods.base import _step_seed
+
+    seeds = {_step_seed(0, step, rank, micro) for step in range(3) for rank in range(2) for micro in range(4)}
+    assert len(seeds) == 24

@@ -292,3 +292,35 @@ def test_datamodule_longtail_and_validation_split(shapes_zip: Path) -> None:
     assert sum(dm.class_counts) == len(train)
     with pytest.raises(DatasetError, match="fewer than batch_size"):
         DiffusionDataModule(str(shapes_zip), batch_size=1000).setup("fit")
+
+
+def test_epoch_sampler_reshuffles_without_set_epoch_and_repeats_with_it() -> None:
+    from diffusion_transfer.data.datamodule import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(50, seed=3)
+    first, second = list(sampler), list(sampler)  # DDP: Lightning's wrapper never calls set_epoch on us
+    assert sorted(first) == list(range(50)) and first != second
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_unlabelled_zip_with_class_names_has_no_classes(tmp_path: Path) -> None:
+    write_dataset_zip(tmp_path / "u.zip", ((im, None) for im in random_images(2)), ClassInfo(class_names=["a", "b"]))
+    dataset = ZipImageDataset(tmp_path / "u.zip")
+    assert dataset.num_classes == 0 and dataset.class_counts == []
+
+
+def test_bad_seeds_and_labels_are_clear_errors() -> None:
+    from diffusion_transfer.data.seeds import assign_labels, parse_seeds
+
+    assert parse_seeds("1,5,9-11") == [1, 5, 9, 10, 11] and parse_seeds(3) == [0, 1, 2]
+    for bad, says in [("5-3", "ranges go up"), ("x", "cannot read seeds"), ("1,1", "repeat a seed")]:
+        with pytest.raises(DatasetError, match=says):
+            parse_seeds(bad)
+    with pytest.raises(DatasetError, match="cannot read labels"):
+        assign_labels(2, 10, "red")
+    with pytest.raises(DatasetError, match="outside the model's classes"):
+        assign_labels(2, 10, "3,10")
+    assert assign_labels(3, 10, np.array([4, 5]).tolist()) == [4, 5, 4]

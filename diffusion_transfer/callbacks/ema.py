@@ -103,7 +103,16 @@ class TrainableEMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the module's setup (which may load pre-trained weights) and after a resumed checkpoint
         # restored the shadows (on_load_checkpoint), so the EMA starts equal to the model that trains.
-        if not self.shadow:
+        # Only optimizer steps taken from now on update the EMA (with gradient accumulation, global_step
+        # stays at its current value for the first micro-batches).
+        self._last_step = trainer.global_step
+        if self.shadow:
+            # Restored shadows were copied before the strategy moved the module to its device.
+            params = self.tracked(pl_module)
+            self.shadow = {n: v.to(params[n].device) for n, v in self.shadow.items()}
+            if self._backup is not None:
+                self._backup = {n: v.to(params[n].device) for n, v in self._backup.items()}
+        else:
             params = self.tracked(pl_module)
             if not params:
                 raise ValueError("TrainableEMA: the module has no trainable parameters to average"
@@ -156,9 +165,10 @@ class TrainableEMA(L.Callback):
             state[n] = value.clone()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # Called when fit resumes, after the module received checkpoint["state_dict"] (the EMA weights).
+        # Called after the module received checkpoint["state_dict"] (the EMA weights). Only a resumed fit
+        # wants the raw weights back; predict/validate/test from a checkpoint must keep sampling with EMA.
         raw = checkpoint.get(RAW_STATE_KEY)
-        if raw is None:
+        if raw is None or trainer.state.fn != "fit":
             return
         params = self.tracked(pl_module)
         with torch.no_grad():

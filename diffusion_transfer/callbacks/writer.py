@@ -52,15 +52,23 @@ class ImageWriter(BasePredictionWriter):
             partial = final.with_name(f".{final.name}.partial")
             Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(partial, format="PNG")
             os.replace(partial, final)
+            label_file = final.with_suffix(".label")
             if label != UNLABELLED:
-                (self.output_dir / f"{seed:06d}.label").write_text(str(label))
+                label_file.write_text(str(label))
+            else:
+                label_file.unlink(missing_ok=True)  # left by an earlier, conditional run into this folder
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.zip_path is None:
             return
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            files = sorted(self.output_dir.glob("[0-9]*.png"))
+            # Pack this run's seeds only: the folder may hold images of earlier runs.
+            loaders = trainer.predict_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            seeds = getattr(getattr(loader, "dataset", None), "seeds", None)
+            files = ([self.output_dir / f"{s:06d}.png" for s in sorted(seeds)] if seeds is not None
+                     else sorted(self.output_dir.glob("[0-9]*.png")))
 
             def items():
                 for f in files:
@@ -69,10 +77,11 @@ class ImageWriter(BasePredictionWriter):
                     yield np.asarray(Image.open(f)), label
 
             # Name the model's classes so the zip keeps the full label space even if some are not drawn.
-            names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
             num_classes = getattr(pl_module, "num_classes", 0)
+            names = getattr(trainer.datamodule, "class_names", None) if num_classes else None
+            hierarchy = getattr(trainer.datamodule, "superclass_of", None) if num_classes else None
             classes = ClassInfo(class_names=names or ([str(c) for c in range(num_classes)] or None),
-                                superclasses=getattr(trainer.datamodule, "superclass_of", None))
+                                superclasses=hierarchy)
             write_dataset_zip(self.zip_path, items(), classes,
                               extra={"generated": {"seeds": [int(f.stem) for f in files]}})
         trainer.strategy.barrier()

@@ -172,10 +172,10 @@ class ImageCollection:
     @property
     def num_classes(self) -> int:
         """Number of classes: ``len(class_names)`` when named, else ``max(label) + 1``; 0 if unlabelled."""
+        if self.labels is None or len(self.labels) == 0:
+            return 0  # class names without labels describe nothing a model could condition on
         if self.classes.class_names is not None:
             return len(self.classes.class_names)
-        if self.labels is None or len(self.labels) == 0:
-            return 0
         return int(self.labels.max()) + 1
 
     @property

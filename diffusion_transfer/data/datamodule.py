@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
@@ -49,14 +50,21 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
         self.skip = 0  # indices of this epoch already consumed before a resume
+        self._epoch_was_set = False
+        self._iterated = False
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._epoch_was_set = epoch, True
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[int]:
+        # Under DDP Lightning wraps this sampler and calls set_epoch on the wrapper only: without a set_epoch
+        # since the last pass, move to the next epoch ourselves so the order still changes every epoch.
+        if self._iterated and not self._epoch_was_set:
+            self.epoch += 1
+        self._iterated, self._epoch_was_set = True, False
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         skip, self.skip = self.skip, 0
@@ -146,6 +154,7 @@ class DiffusionDataModule(L.LightningDataModule):
             raise DatasetError(f"unknown longtail_profile '{longtail_profile}'; choose one of {', '.join(PROFILES)}")
         if batch_size < 1:
             raise DatasetError(f"batch_size must be positive, got {batch_size}")
+        path = os.fspath(path)  # a str, so checkpoints load with torch.load(weights_only=True)
         # ``resolution`` is the model's hyper-parameter (linked from this module); saving it here too would make
         # Lightning refuse the run whenever it is left to None and read from the data.
         self.save_hyperparameters(ignore=["resolution"])
@@ -226,7 +235,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         train, val = self._splits
-        if self.drop_last and len(train) < self.batch_size:
+        if stage in (None, "fit") and self.drop_last and len(train) < self.batch_size:
             raise DatasetError(f"{self.path}: {len(train)} training images is fewer than batch_size "
                                f"{self.batch_size}; lower batch_size or set drop_last false")
         self.train_set = _TrainingView(self.dataset, train, self.xflip)

@@ -19,14 +19,25 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     if isinstance(spec, int):
         return list(range(spec))
     if not isinstance(spec, str):
-        return [int(s) for s in spec]
+        return _checked_seeds([int(s) for s in spec], spec)
     seeds: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise ValueError
             seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
     except ValueError:
-        raise DatasetError(f"cannot read seeds '{spec}'; write e.g. 0-63 or 1,5,9-11") from None
+        raise DatasetError(f"cannot read seeds '{spec}'; write e.g. 0-63 or 1,5,9-11 (ranges go up)") from None
+    return _checked_seeds(seeds, spec)
+
+
+def _checked_seeds(seeds: list[int], spec: object) -> list[int]:
+    if not seeds:
+        raise DatasetError(f"seeds '{spec}' select no images")
+    if len(set(seeds)) != len(seeds):
+        # Files are named after their seed: a repeated seed would overwrite its own image.
+        raise DatasetError(f"seeds '{spec}' repeat a seed; each image needs its own seed")
     return seeds
 
 
@@ -40,7 +51,10 @@ def assign_labels(num_images: int, num_classes: int, labels: str | int | Sequenc
     if labels is None or labels == "cyclic":
         return [i % num_classes for i in range(num_images)]
     if isinstance(labels, str):
-        labels = [int(v) for v in labels.split(",")]
+        try:
+            labels = [int(v) for v in labels.split(",")]
+        except ValueError:
+            raise DatasetError(f"cannot read labels '{labels}'; write class indices, e.g. 3 or 3,7") from None
     elif isinstance(labels, int):
         labels = [labels]
     labels = list(labels)

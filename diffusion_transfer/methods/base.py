@@ -11,7 +11,8 @@ validation loss and sample grids) lives here once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,16 @@ class DiffusionLightningBase(L.LightningModule):
         # All randomness of a step (timesteps, noise, label dropout) comes from a seed derived from
         # (seed, step, rank): a resumed run then takes exactly the steps an uninterrupted one would, and the
         # global RNG (data order, user code) is left alone.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_step_seed(self.train_seed, self.global_step, self.global_rank))
+        # The micro-batch index separates the batches accumulated into one optimizer step.
+        micro = batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
+        with _seeded(_step_seed(self.train_seed, self.global_step, self.global_rank, micro), self.device):
             losses = self.loss(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
+        # Every rank must take the same decision, or the others would wait forever in the gradient all-reduce.
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
+        if non_finite:
             raise FloatingPointError(
                 f"{type(self).__name__}: the loss is {loss.item()} at step {self.global_step}; lower the learning "
                 "rate (model.init_args.optimizer.init_args.lr), prefer bf16-mixed to 16-mixed, or clip gradients "
@@ -118,7 +123,7 @@ class DiffusionLightningBase(L.LightningModule):
     # ------------------------------------------------------------------------------------ sampling
 
     def _labels_for(self, num_images: int, labels: Tensor | Sequence[int] | int | None) -> Tensor:
-        if isinstance(labels, Tensor):
+        if hasattr(labels, "tolist"):  # torch or numpy arrays
             labels = labels.tolist()
         return torch.tensor(assign_labels(num_images, self.num_classes, labels), dtype=torch.int64)
 
@@ -149,7 +154,7 @@ class DiffusionLightningBase(L.LightningModule):
             if num_images is None:
                 raise ValueError("sample() needs num_images or seeds")
             seeds = list(range(seed, seed + num_images))
-        seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+        seeds = [int(s) for s in (seeds.tolist() if hasattr(seeds, "tolist") else seeds)]
         label_tensor = self._labels_for(len(seeds), labels).to(self.device)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         shape = (self.channels, self.resolution, self.resolution)
@@ -177,13 +182,9 @@ class DiffusionLightningBase(L.LightningModule):
     # ------------------------------------------------------------------------------------ validation
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        # A fixed generator per batch makes the validation loss comparable across steps.
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.val_seed + batch_idx)
-        try:
+        # A fixed seed per batch makes the validation loss comparable across steps.
+        with _seeded(_step_seed(self.val_seed, batch_idx, self.global_rank, 0), self.device):
             losses = self.loss(batch)
-        finally:
-            torch.random.set_rng_state(state)
         self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, sync_dist=True,
                       batch_size=_batch_size(batch))
 
@@ -216,9 +217,18 @@ class DiffusionLightningBase(L.LightningModule):
         return path
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for (seed, step, rank), decorrelated by a splitmix-style mix."""
-    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 64)
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG (CPU, and ``device`` if it is a GPU) inside the block; restore it afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A 63-bit seed for (seed, step, rank, micro-batch), decorrelated by a splitmix-style mix."""
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
+             + micro * 0xD6E8FEB86659FD93) % (1 << 64)
     value ^= value >> 31
     return value % (1 << 63)
 

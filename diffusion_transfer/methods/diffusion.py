@@ -8,6 +8,7 @@ trainable set or the label embedder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,9 @@ class Diffusion(DiffusionLightningBase):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Plain strings, so checkpoints load with torch.load(weights_only=True) (a Path would not).
+        checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        vae = None if vae is None else os.fspath(vae)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
@@ -139,6 +143,11 @@ class Diffusion(DiffusionLightningBase):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.load_pretrained()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a
+        # module built by load_from_checkpoint must continue from them, not reload the pre-trained ones.
+        self._pretrained_loaded = True
 
     # ------------------------------------------------------------------------------------ training
 
