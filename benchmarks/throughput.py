@@ -1,12 +1,13 @@
 """Training and sampling throughput of the DiT, through Lightning and in a plain PyTorch loop.
 
-    python benchmarks/throughput.py [--steps 30] [--warmup 5] [--compile] [--seed 0]
+    python benchmarks/throughput.py [--steps 30] [--warmup 5] [--repeats 1] [--only NAME] [--compile] [--seed 0]
 
 Models: DiT-S/2 on 32x32x4 latents (batch 8, the 256-px latent shape) and the quickstart model (DiT-S/4,
 hidden 128, depth 4, on 16x16x3 pixels, batch 64). For each it measures:
 
 - train images/s of the same step (Diffusion.loss + backward + AdamW) in a plain PyTorch loop and under
-  Lightning's Trainer (our training_step, EMA callback on), so the Lightning overhead is visible;
+  Lightning's Trainer (our training_step, EMA callback on), so the Lightning overhead is visible; with
+  --repeats the two alternate and the overhead is the median of the paired differences;
 - the FLOP/s achieved by the training step (FLOPs counted by torch.utils.flop_counter) against this
   machine's measured fp32 matmul peak;
 - sampling images/s (DDIM, 50 steps, guidance 1.5, i.e. a doubled batch per step);
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating plain/Lightning runs (medians)")
+    parser.add_argument("--only", default=None, help="run only models whose name contains this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
     args = parser.parse_args()
@@ -127,13 +131,21 @@ def main() -> None:
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     rows = []
     for name, spec in MODELS.items():
+        if args.only and args.only not in name:
+            continue
         model, x, y = build(spec)
         flops = step_flops(model, x, y)
-        plain = plain_loop(model, x, y, args.steps, args.warmup)
-        lightning = lightning_loop(model, x, y, args.steps, args.warmup)
+        # Alternate the two loops and take medians, so drift of a shared machine hits both alike.
+        plains, lightnings = [], []
+        for _ in range(args.repeats):
+            plains.append(plain_loop(model, x, y, args.steps, args.warmup))
+            lightnings.append(lightning_loop(model, x, y, args.steps, args.warmup))
+        plain, lightning = statistics.median(plains), statistics.median(lightnings)
+        gaps = sorted(100 * (light / base - 1) for base, light in zip(plains, lightnings, strict=True))
         row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "batch": spec["batch"],
                "train_img_s_plain": spec["batch"] / plain, "train_img_s_lightning": spec["batch"] / lightning,
-               "lightning_overhead_pct": 100 * (lightning / plain - 1),
+               "lightning_overhead_pct": statistics.median(gaps), "repeats": args.repeats,
+               "overhead_pct_per_pair": gaps,
                "train_gflop_per_step": flops / 1e9, "achieved_gflop_s": flops / plain / 1e9,
                "fraction_of_matmul_peak": flops / plain / peak,
                "sample_img_s_ddim50_cfg": sampling_rate(model, spec["batch"])}

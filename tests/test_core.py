@@ -256,3 +256,18 @@ def test_micro_batches_of_one_step_draw_different_noise() -> None:
 
     seeds = {_step_seed(0, step, rank, micro) for step in range(3) for rank in range(2) for micro in range(4)}
     assert len(seeds) == 24
+
+
+def test_training_metrics_reach_the_logger(shapes_zip: Path, tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger, recorder = CSVLogger(tmp_path, name="run"), LossRecorder()
+    trainer(tmp_path, 6, [recorder], logger=logger, log_every_n_steps=2).fit(
+        tiny_model(), DiffusionDataModule(str(shapes_zip), batch_size=16))
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # every log_every_n_steps, none missing
+    for row in rows:  # each written value is that step's loss, not a stale one from an earlier step
+        assert float(row["train/loss"]) == pytest.approx(recorder.losses[int(row["step"])], rel=1e-6)

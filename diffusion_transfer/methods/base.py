@@ -95,6 +95,13 @@ class DiffusionLightningBase(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _writes_logs_now(self) -> bool:
+        """Whether the logger writes this step: Lightning's own test (private API; True if it moved)."""
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         # All randomness of a step (timesteps, noise, label dropout) comes from a seed derived from
         # (seed, step, rank): a resumed run then takes exactly the steps an uninterrupted one would, and the
@@ -114,10 +121,12 @@ class DiffusionLightningBase(L.LightningModule):
                 "rate (model.init_args.optimizer.init_args.lr), prefer bf16-mixed to 16-mixed, or clip gradients "
                 "(trainer.gradient_clip_val)"
             )
-        batch_size = _batch_size(batch)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False,
-                      batch_size=batch_size)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        # self.log costs about a millisecond per call; the logger only writes every log_every_n_steps, so
+        # only those steps (and the progress bar's refresh) pay for it.
+        if self._writes_logs_now():
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=_batch_size(batch))
+        if self._trainer is None or self.trainer.progress_bar_callback is not None:
+            self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=_batch_size(batch))
         return loss
 
     # ------------------------------------------------------------------------------------ sampling
