@@ -14,7 +14,37 @@ from .archive import UNLABELLED, DatasetError, ImageCollection
 _CHANNELS_OF_MODE = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1}
 
 
-class ImageDataset(Dataset):
+class _CollectionDataset(Dataset):
+    """What image and latent datasets share: an :class:`ImageCollection` with its labels and classes."""
+
+    collection: ImageCollection
+
+    @property
+    def path(self) -> Path:
+        return self.collection.source
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 ``[N]`` class labels, or None when unlabelled."""
+        return self.collection.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.collection.num_classes
+
+    @property
+    def class_counts(self) -> list[int]:
+        return self.collection.class_counts
+
+    def __len__(self) -> int:
+        return len(self.collection)
+
+    def _label(self, index: int) -> int:
+        labels = self.collection.labels
+        return UNLABELLED if labels is None else int(labels[index])
+
+
+class ImageDataset(_CollectionDataset):
     """Images of a dataset zip or folder as uint8 ``[C, R, R]`` tensors with int64 labels.
 
     Args:
@@ -42,23 +72,6 @@ class ImageDataset(Dataset):
         self._mode = "L" if self.channels == 1 else "RGB"
         self._check_size(0, first.size)
 
-    @property
-    def path(self) -> Path:
-        return self.collection.source
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        """int64 ``[N]`` class labels, or None when unlabelled."""
-        return self.collection.labels
-
-    @property
-    def num_classes(self) -> int:
-        return self.collection.num_classes
-
-    @property
-    def class_counts(self) -> list[int]:
-        return self.collection.class_counts
-
     def _check_size(self, index: int, size: tuple[int, int]) -> None:
         if size != (self.resolution, self.resolution):
             raise DatasetError(
@@ -67,9 +80,6 @@ class ImageDataset(Dataset):
                 f"SRC DEST.zip --resolution {self.resolution}` (add --transform center-crop for non-square images)"
             )
 
-    def __len__(self) -> int:
-        return len(self.collection)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.collection.load(index)
         self._check_size(index, image.size)
@@ -77,9 +87,7 @@ class ImageDataset(Dataset):
             image = image.convert(self._mode)
         array = np.asarray(image, dtype=np.uint8)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        labels = self.collection.labels
-        label = UNLABELLED if labels is None else int(labels[index])
-        return torch.from_numpy(np.ascontiguousarray(array)), label
+        return torch.from_numpy(np.ascontiguousarray(array)), self._label(index)
 
 
 class ZipImageDataset(ImageDataset):
@@ -101,7 +109,7 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(path, resolution, channels)
 
 
-class LatentDataset(Dataset):
+class LatentDataset(_CollectionDataset):
     """A latent zip written by ``diffusion-transfer-data encode``: VAE posterior moments per image.
 
     Items are ``(moments, label)`` with ``moments`` float32 ``[2C, h, w]``: the posterior mean in the first C
@@ -127,30 +135,13 @@ class LatentDataset(Dataset):
             raise DatasetError(f"{path}: latents are {self.resolution}x{self.resolution}, expected {resolution}; "
                                "encode images of the matching size")
 
-    @property
-    def labels(self) -> np.ndarray | None:
-        return self.collection.labels
-
-    @property
-    def num_classes(self) -> int:
-        return self.collection.num_classes
-
-    @property
-    def class_counts(self) -> list[int]:
-        return self.collection.class_counts
-
-    def __len__(self) -> int:
-        return len(self.collection)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         moments = self.collection.load_array(index)
         expected = (2 * self.channels, self.resolution, self.resolution)
         if moments.shape != expected:
             raise DatasetError(f"{self.collection.where(index)}: latent moments have shape {moments.shape}, expected "
                                f"{expected}; re-create the zip with `diffusion-transfer-data encode`")
-        labels = self.collection.labels
-        label = UNLABELLED if labels is None else int(labels[index])
-        return torch.from_numpy(moments.astype(np.float32, copy=False)), label
+        return torch.from_numpy(moments.astype(np.float32, copy=False)), self._label(index)
 
 
 def open_dataset(path: str | os.PathLike[str], resolution: int | None = None) -> ImageDataset | LatentDataset:
