@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
@@ -32,7 +33,7 @@ class DiffusionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("num_classes", "resolution", "channels"):
-            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=_attribute(name),
+            parser.link_arguments("data", f"model.init_args.{name}", compute_fn=attrgetter(name),
                                   apply_on="instantiate")
         parser.add_lightning_class_args(TrainableEMA, "ema")
         parser.add_lightning_class_args(ImageWriter, "writer")
@@ -67,13 +68,6 @@ class DiffusionCLI(LightningCLI):
             count = len(list(writer.output_dir.glob("*.png")))
             also = f" and {writer.zip_path}" if writer.zip_path else ""
             print(f"wrote {count} images to {writer.output_dir}{also}")
-
-
-def _attribute(name: str):
-    def read(datamodule: LightningDataModule):
-        return getattr(datamodule, name)
-
-    return read
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -442,12 +441,3 @@ def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str
     meta.update(classes.to_json())
     meta.update(extra)
     return meta
-
-
-def open_tar(path: Path) -> tarfile.TarFile:
-    """Open a (compressed) tar archive, turning format errors into :class:`DatasetError`."""
-    try:
-        return tarfile.open(path, "r:*")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise DatasetError(f"{path}: not a readable tar archive ({err}); the download is truncated or "
-                           "corrupt: download it again") from None

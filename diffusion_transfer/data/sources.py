@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .archive import ClassInfo, DatasetError, ImageCollection, open_tar, write_dataset_zip
+from .archive import ClassInfo, DatasetError, ImageCollection, write_dataset_zip
 
 TRANSFORMS = ("none", "center-crop", "center-crop-wide")
 
@@ -45,6 +46,15 @@ class _CifarUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': a CIFAR batch holds only arrays, "
                                      "lists and strings")
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    """Open a (compressed) tar archive, turning format errors into :class:`DatasetError`."""
+    try:
+        return tarfile.open(path, "r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise DatasetError(f"{path}: not a readable tar archive ({err}); the download is truncated or "
+                           "corrupt: download it again") from None
 
 
 def _unpickle_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> dict[Any, Any]:

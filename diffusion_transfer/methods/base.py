@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..data.archive import UNLABELLED, DatasetError
+from ..data.archive import DatasetError
 from ..data.seeds import assign_labels
 
 
@@ -246,5 +246,3 @@ def _batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, (list, tuple)) else batch
     return int(first.shape[0])
 
-
-__all__ = ["DiffusionLightningBase", "UNLABELLED"]
