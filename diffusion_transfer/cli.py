@@ -6,7 +6,10 @@
 - The optimizer is a model argument (``--model.init_args.optimizer``); the CLI's own ``--optimizer`` is
   off because it would optimise frozen parameters too and replace the methods' ``configure_optimizers``.
 - ``--ema.*`` configures the always-on :class:`TrainableEMA`; ``--writer.*`` the predict
-  :class:`ImageWriter` (``--writer.output_dir``, ``--writer.zip_path``).
+  :class:`ImageWriter` (``--writer.output_dir``, ``--writer.zip_path``); ``--metrics.*`` the sample metrics
+  of :class:`GenerativeEvaluation` (off until ``--metrics.feature_network`` is set).
+- Any LightningModule that takes ``num_classes``, ``resolution`` and ``channels`` can be the model: the
+  methods, and :class:`~diffusion_transfer.metrics.FeatureClassifier` (the feature network for FID).
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that short class names resolve (jsonargparse only sees subclasses that exist).
 from . import methods  # noqa: F401
-from .callbacks import ImageWriter, TrainableEMA
+from .callbacks import GenerativeEvaluation, ImageWriter, TrainableEMA
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
 from .io.dit_checkpoint import DiTCheckpointError
-from .methods.base import DiffusionLightningBase
+from .metrics import FeatureClassifier, MetricError  # noqa: F401
 
 
 class DiffusionCLI(LightningCLI):
@@ -37,6 +40,7 @@ class DiffusionCLI(LightningCLI):
                                   apply_on="instantiate")
         parser.add_lightning_class_args(TrainableEMA, "ema")
         parser.add_lightning_class_args(ImageWriter, "writer")
+        parser.add_lightning_class_args(GenerativeEvaluation, "metrics")
 
     def _prepare_subcommand_parser(self, trainer_class, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)
@@ -73,7 +77,7 @@ class DiffusionCLI(LightningCLI):
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:
     """The CLI object; with ``run=False`` it only builds ``cli.model``, ``cli.datamodule``, ``cli.trainer``."""
     return DiffusionCLI(
-        DiffusionLightningBase,
+        LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -97,7 +101,7 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.exit(2)
 
 
-_EXPECTED = (DatasetError, DiTCheckpointError, FileNotFoundError, FloatingPointError)
+_EXPECTED = (DatasetError, DiTCheckpointError, MetricError, FileNotFoundError, FloatingPointError)
 
 
 def _expected_error(err: BaseException | None) -> BaseException | None:

@@ -14,12 +14,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from ..data.archive import UNLABELLED, ClassInfo, write_dataset_zip
+from ..metrics.features import quantize
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, C, H, W]`` float in [-1, 1] -> ``[B, H, W, C]`` uint8 (DiT/EDM rule: clamp(127.5 x + 128))."""
-    pixels = (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class ImageWriter(BasePredictionWriter):

@@ -264,3 +264,7 @@ class DiffusionDataModule(L.LightningDataModule):
         if not hasattr(self, "val_set"):
             self.setup("validate")
         return self._loader(self.val_set, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation images (the held-out split): ``test`` reports losses and sample metrics on them."""
+        return self.val_dataloader()

@@ -190,12 +190,16 @@ class DiffusionLightningBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ validation
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, stage: str = "val") -> None:
         # A fixed seed per batch makes the validation loss comparable across steps.
         with _seeded(_step_seed(self.val_seed, batch_idx, self.global_rank, 0), self.device):
             losses = self.loss(batch)
-        self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, sync_dist=True,
+        self.log_dict({f"{stage}/{k}": v.detach() for k, v in losses.items()}, sync_dist=True,
                       batch_size=_batch_size(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """The validation loss on the held-out images, logged as ``test/*`` (sample metrics: GenerativeEvaluation)."""
+        self.validation_step(batch, batch_idx, stage="test")
 
     def on_validation_epoch_end(self) -> None:
         if self.val_num_images <= 0 or self.trainer.sanity_checking:
