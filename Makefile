@@ -18,7 +18,7 @@ $(VENV)/.installed: $(PY) setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,vae]"
+	$(PY) -m pip install -q -e ".[dev,vae,fid]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +31,11 @@ $(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
 $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
-demo: $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt $(DEMO_DIR)/shapes-outline-16.zip
+# The feature network of the metrics (FID etc. on shapes), trained on the target domain.
+$(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt: $(DEMO_DIR)/shapes-outline-16.zip
+	$(VENV)/bin/diffusion-transfer fit --config configs/features/shapes.yaml
+
+demo: $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt $(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt
 	$(VENV)/bin/diffusion-transfer fit --config configs/quickstart.yaml
 	$(VENV)/bin/diffusion-transfer predict --config configs/quickstart.yaml --ckpt_path $(DEMO_DIR)/checkpoints/quickstart-outline.ckpt
 

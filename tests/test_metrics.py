@@ -225,3 +225,22 @@ def test_quantize_follows_the_evaluation_rule() -> None:
     assert torch.equal(quantize(pixels.float() / 127.5 - 1.0), pixels)  # dataset float -> same uint8
     assert quantize(torch.tensor([-2.0, 2.0, 0.0])).tolist() == [0, 255, 128]
     assert quantize(pixels) is pixels
+
+
+def test_inception_features_from_a_local_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from diffusion_transfer.metrics import InceptionFeatures, load_feature_network
+
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
+        InceptionFeatures(tmp_path / "missing.pth")
+    # A weights file of the right layout with random values (the real one cannot be downloaded here).
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        random_network = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(random_network.state_dict(), tmp_path / "weights.pth")
+    network = load_feature_network(f"inception:{tmp_path / 'weights.pth'}")
+    assert network.network_id == "inception-v3-tf-2015-12-05" and network.resolution is None
+    assert not any(p.requires_grad for p in network.parameters()) and not network.train().training
+    features, logits = network(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))  # gray, any size
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
