@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,10 +97,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp()  # the random Inception weights (87 MB) are written here, not into the repo
     classifier = ClassifierFeatures(FeatureClassifier(num_classes=20, resolution=16, channels=3), "classifier-random")
     networks = {
         "FeatureClassifier (shapes, 16x16, 32-d)": (classifier, 16, args.num_images),
-        "Inception-v3 (32x32 -> 299, 2048-d)": (random_inception(out.parent), 32, args.inception_images),
+        "Inception-v3 (32x32 -> 299, 2048-d)": (random_inception(Path(tmp)), 32, args.inception_images),
     }
     rows = []
     for name, (network, size, count) in networks.items():

@@ -2,15 +2,18 @@
 
     python benchmarks/throughput.py [--steps 30] [--warmup 5] [--repeats 1] [--only NAME] [--compile] [--seed 0]
 
-Models: DiT-S/2 on 32x32x4 latents (batch 8, the 256-px latent shape) and the quickstart model (DiT-S/4,
-hidden 128, depth 4, on 16x16x3 pixels, batch 64). For each it measures:
+Models: DiT-S/2 on 32x32x4 latents (batch 8, the 256-px latent shape), the quickstart model (DiT-S/4,
+hidden 128, depth 4, on 16x16x3 pixels, batch 64), and the EDM U-Nets: DDPM++ at its CIFAR-10 size
+(EDMDiffusion ``ddpmpp-cifar10``, 32x32x3, batch 8) and the tiny DDPM++ of configs/edm/shapes.yaml
+(16x16x3, batch 32). For each it measures:
 
 - train images/s of the same step (Diffusion.loss + backward + AdamW) in a plain PyTorch loop and under
   Lightning's Trainer (our training_step, EMA callback on), so the Lightning overhead is visible; with
   --repeats the two alternate and the overhead is the median of the paired differences;
 - the FLOP/s achieved by the training step (FLOPs counted by torch.utils.flop_counter) against this
   machine's measured fp32 matmul peak;
-- sampling images/s (DDIM, 50 steps, guidance 1.5, i.e. a doubled batch per step);
+- sampling images/s (DiT: DDIM, 50 steps, guidance 1.5, i.e. a doubled batch per step; EDM: Heun, 18 steps
+  = 35 evaluations, guidance 1.5);
 - with --compile, the same plain-loop step under torch.compile.
 
 Writes benchmarks/results/throughput.json and prints Markdown rows for docs/results.md.
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_transfer.callbacks import TrainableEMA
-from diffusion_transfer.methods import Diffusion
+from diffusion_transfer.methods import Diffusion, EDMDiffusion
 
 MODELS = {
     "DiT-S/2 latent 32x32x4, batch 8": dict(arch="DiT-S/2", arch_overrides=None, resolution=32, channels=4,
@@ -40,7 +43,16 @@ MODELS = {
     "quickstart DiT-S/4 (128x4) 16x16x3, batch 64": dict(
         arch="DiT-S/4", arch_overrides={"hidden_size": 128, "depth": 4, "num_heads": 4}, resolution=16,
         channels=3, batch=64, num_classes=20),
+    "EDM DDPM++ CIFAR-10 (ddpmpp-cifar10) 32x32x3, batch 8": dict(
+        method=EDMDiffusion, arch="ddpmpp-cifar10", arch_overrides=None, resolution=32, channels=3, batch=8,
+        num_classes=10),
+    "EDM tiny DDPM++ (configs/edm/shapes.yaml) 16x16x3, batch 32": dict(
+        method=EDMDiffusion, arch="ddpmpp-cifar10", arch_overrides={
+            "model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1, "attn_resolutions": [8],
+            "dropout": 0.0, "augment_dim": 0}, resolution=16, channels=3, batch=32, num_classes=20),
 }
+SAMPLING = {Diffusion: {"sampler": "ddim", "steps": 50, "guidance_scale": 1.5},
+            EDMDiffusion: {"sampler": "heun", "steps": 18, "guidance_scale": 1.5}}
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -53,9 +65,10 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def build(spec: dict) -> tuple[Diffusion, torch.Tensor, torch.Tensor]:
-    model = Diffusion(arch=spec["arch"], arch_overrides=spec["arch_overrides"], num_classes=spec["num_classes"],
-                      resolution=spec["resolution"], channels=spec["channels"], val_num_images=0)
+def build(spec: dict) -> tuple[Diffusion | EDMDiffusion, torch.Tensor, torch.Tensor]:
+    method = spec.get("method", Diffusion)
+    model = method(arch=spec["arch"], arch_overrides=spec["arch_overrides"], num_classes=spec["num_classes"],
+                   resolution=spec["resolution"], channels=spec["channels"], val_num_images=0)
     x = torch.randn(spec["batch"], spec["channels"], spec["resolution"], spec["resolution"])
     y = torch.randint(0, spec["num_classes"], (spec["batch"],))
     return model, x, y
@@ -110,9 +123,9 @@ def lightning_loop(model: Diffusion, x: torch.Tensor, y: torch.Tensor, steps: in
     return (timer.end - timer.start) / timer.steps
 
 
-def sampling_rate(model: Diffusion, count: int, steps: int = 50) -> float:
+def sampling_rate(model: Diffusion | EDMDiffusion, count: int) -> float:
     start = time.perf_counter()
-    model.sample(count, sampler="ddim", steps=steps, guidance_scale=1.5)
+    model.sample(count, **SAMPLING[type(model)])
     return count / (time.perf_counter() - start)
 
 
@@ -148,7 +161,7 @@ def main() -> None:
                "overhead_pct_per_pair": gaps,
                "train_gflop_per_step": flops / 1e9, "achieved_gflop_s": flops / plain / 1e9,
                "fraction_of_matmul_peak": flops / plain / peak,
-               "sample_img_s_ddim50_cfg": sampling_rate(model, spec["batch"])}
+               "sample_img_s": sampling_rate(model, spec["batch"])}
         if args.compile:
             compiled = plain_loop(model, x, y, args.steps, args.warmup, compiled=True)
             row["train_img_s_compiled"] = spec["batch"] / compiled
@@ -167,7 +180,7 @@ def main() -> None:
         share = 100 * r["fraction_of_matmul_peak"]
         print(f"| {r['model']} | {r['train_img_s_plain']:.1f} | {r['train_img_s_lightning']:.1f} | "
               f"{r['lightning_overhead_pct']:+.1f}% | {r['achieved_gflop_s']:.1f} ({share:.0f}%) | "
-              f"{r['sample_img_s_ddim50_cfg']:.1f}{extra} |")
+              f"{r['sample_img_s']:.1f}{extra} |")
 
 
 if __name__ == "__main__":

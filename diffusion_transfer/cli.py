@@ -27,7 +27,7 @@ from . import methods  # noqa: F401
 from .callbacks import GenerativeEvaluation, ImageWriter, TrainableEMA
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
-from .io.dit_checkpoint import DiTCheckpointError
+from .io.checkpoint import CheckpointError
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 
 
@@ -101,7 +101,7 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.exit(2)
 
 
-_EXPECTED = (DatasetError, DiTCheckpointError, MetricError, FileNotFoundError, FloatingPointError)
+_EXPECTED = (DatasetError, CheckpointError, MetricError, FileNotFoundError, FloatingPointError)
 
 
 def _expected_error(err: BaseException | None) -> BaseException | None:

@@ -16,6 +16,7 @@ from diffusion_transfer.data import ZipImageDataset
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 TINY_MODEL = ["--model.init_args.arch_overrides", "{hidden_size: 32, depth: 2, num_heads: 2}"]
+TINY_UNET = ["--model.init_args.arch_overrides", "{model_channels: 16, num_blocks: 1}"]
 
 
 def tiny_config(tmp_path: Path, data: Path, **trainer) -> Path:
@@ -43,8 +44,9 @@ def test_every_config_instantiates(config: Path, shapes_zip: Path, tmp_path: Pat
            "--trainer.precision", "32-true"]
     # Pre-trained weights are left out and wide models shrunk, where the model has those arguments.
     init_args = yaml.safe_load(config.read_text())["model"].get("init_args", {})
+    tiny = TINY_MODEL if str(init_args.get("arch", "DiT")).startswith("DiT") else TINY_UNET
     model = (["--model.init_args.checkpoint", "null"] if "checkpoint" in init_args else []) + (
-        TINY_MODEL if "arch_overrides" in init_args else [])
+        tiny if "arch_overrides" in init_args else [])
     cli = build_cli(["--config", str(config), "--data.init_args.path", str(shapes_zip),
                      "--trainer.default_root_dir", str(tmp_path), *model, *cpu], run=False)
     assert cli.model.num_classes == 20 and cli.model.resolution == 16 and cli.model.channels == 3

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import CheckpointError
+
 __all__ = [
     "DIT_RELEASE_URL",
     "DiTCheckpointError",
@@ -42,7 +44,7 @@ _OFFICIAL_FILES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 _SHOW = 5
 
 
-class DiTCheckpointError(RuntimeError):
+class DiTCheckpointError(CheckpointError):
     """A DiT checkpoint file could not be read or does not fit the model; the message says what to do."""
 
 

@@ -2,5 +2,6 @@
 
 from .base import DiffusionLightningBase
 from .diffusion import Diffusion, dit_loss
+from .edm import EDMDiffusion, edm_loss, load_edm_network
 
-__all__ = ["Diffusion", "DiffusionLightningBase", "dit_loss"]
+__all__ = ["Diffusion", "DiffusionLightningBase", "EDMDiffusion", "dit_loss", "edm_loss", "load_edm_network"]

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..data.archive import DatasetError
@@ -78,6 +79,32 @@ class DiffusionLightningBase(L.LightningModule):
                  **sampling: Any) -> Tensor:
         """Images ``[B, C, R, R]`` in [-1, 1] from starting noise ``[B, C, R, R]`` and labels ``[B]``."""
         raise NotImplementedError(f"{type(self).__name__} must implement generate(noise, labels, generators)")
+
+    # ------------------------------------------------------------------------------------ initial weights
+
+    #: Path of the weights a ``fit`` starts from (a subclass sets it from its ``checkpoint`` argument).
+    checkpoint: str | None = None
+    _pretrained_loaded = False
+
+    def load_weights(self, path: str) -> str:
+        """Load the file at ``path`` into the net; return what it was (e.g. "official DiT"). Per method."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from a checkpoint file")
+
+    def load_pretrained(self) -> None:
+        """Load ``checkpoint`` (once, when ``fit`` starts; weights restored from our .ckpt take precedence)."""
+        if self.checkpoint and not self._pretrained_loaded:
+            source = self.load_weights(self.checkpoint)
+            self._pretrained_loaded = True
+            rank_zero_info(f"loaded {source} weights from {self.checkpoint}")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.load_pretrained()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a
+        # module built by load_from_checkpoint must continue from them, not reload the pre-trained ones.
+        self._pretrained_loaded = True
 
     # ------------------------------------------------------------------------------------ training
 

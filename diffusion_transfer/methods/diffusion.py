@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
@@ -105,7 +104,6 @@ class Diffusion(DiffusionLightningBase):
         self.sampling = {"sampler": sampler, "steps": sample_steps, "guidance_scale": guidance_scale,
                          "guidance_channels": guidance_channels, "eta": eta}
         self._respaced: dict[tuple[int, str], GaussianDiffusion] = {}
-        self._pretrained_loaded = False
         self._compile = compile
         self._compiled: Any = None
         self.vae = vae
@@ -133,21 +131,9 @@ class Diffusion(DiffusionLightningBase):
 
     # ------------------------------------------------------------------------------------ weights
 
-    def load_pretrained(self) -> None:
-        """Load ``checkpoint`` into the net (done once, when ``fit`` starts; a resumed run overrides it)."""
-        if self.checkpoint and not self._pretrained_loaded:
-            report = load_dit_checkpoint(self.net, self.checkpoint)
-            self._pretrained_loaded = True
-            rank_zero_info(f"loaded {report.source} weights from {self.checkpoint}")
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.load_pretrained()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a
-        # module built by load_from_checkpoint must continue from them, not reload the pre-trained ones.
-        self._pretrained_loaded = True
+    def load_weights(self, path: str) -> str:
+        """An official DiT ``.pt``, a plain state dict or one of our ``.ckpt`` files, loaded strictly."""
+        return load_dit_checkpoint(self.net, path).source
 
     # ------------------------------------------------------------------------------------ training
 
