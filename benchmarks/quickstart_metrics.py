@@ -36,7 +36,8 @@ def evaluate(checkpoint: Path | None, seed: int, args: argparse.Namespace, outpu
                "--metrics.num_images", str(args.num_images), "--metrics.seed", str(seed),
                "--metrics.per_class", "false", "--metrics.sampling", json.dumps({"steps": args.steps}),
                "--metrics.output", str(output)]
-    cli(command + (["--ckpt_path", str(checkpoint)] if checkpoint else []))
+    # Without a checkpoint the config's starting weights (model.init_args.checkpoint) are switched off too.
+    cli(command + (["--ckpt_path", str(checkpoint)] if checkpoint else ["--model.init_args.checkpoint", "null"]))
     return json.loads(output.read_text())
 
 

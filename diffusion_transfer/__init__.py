@@ -23,6 +23,7 @@ _EXPORTS = {
     "EDM": "diffusion_transfer.diffusion",
     "apply_guidance": "diffusion_transfer.diffusion",
     "Diffusion": "diffusion_transfer.methods",
+    "DiffTuning": "diffusion_transfer.methods",
     "DiffusionLightningBase": "diffusion_transfer.methods",
     "EDMDiffusion": "diffusion_transfer.methods",
     "load_edm_network": "diffusion_transfer.methods",

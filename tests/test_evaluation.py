@@ -143,3 +143,13 @@ def test_two_process_evaluation_equals_one_process(trained: dict[str, Path]) -> 
     one, two = (ReferenceStats.load(trained["tmp"] / f"ref-{n}.npz") for n in ("single", "double"))
     np.testing.assert_allclose(two.sigma, one.sigma, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(two.features, one.features)
+
+
+def test_test_command_reports_metrics(trained: dict[str, Path], capsys) -> None:
+    output = trained["tmp"] / "test.json"
+    main(["test", "--config", str(trained["config"]), "--ckpt_path", str(trained["dit"]),
+          "--metrics.feature_network", str(trained["features"]), "--metrics.num_images", "40",
+          "--metrics.per_class", "false", "--metrics.output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["stage"] == "test" and report["metrics"]["num_images"] == 40
+    assert "test metrics (40 images" in capsys.readouterr().out

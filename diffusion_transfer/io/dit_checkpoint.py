@@ -35,6 +35,7 @@ __all__ = [
     "infer_dit_config",
     "load_dit_checkpoint",
     "read_dit_state_dict",
+    "reuse_label_rows",
 ]
 
 #: Where the official weights are published (facebookresearch/DiT release; CC-BY-NC, never fetched).
@@ -42,6 +43,7 @@ DIT_RELEASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 _OFFICIAL_FILES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 # How many keys of each kind an error lists before summarising the rest.
 _SHOW = 5
+_LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 class DiTCheckpointError(CheckpointError):
@@ -189,6 +191,28 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items()) or "unknown layout"
 
 
+def reuse_label_rows(state: dict[str, Tensor], rows: int, file: str | os.PathLike[str] = "") -> dict[str, Tensor]:
+    """Fit a pre-trained label table ``[M + 1, D]`` (null row last) to a new label space of ``rows = N + 1`` rows.
+
+    Diff-Tuning's rule (``papers/difftuning.md`` §4): class c < N of the new data reuses pre-trained row c (kept,
+    not re-initialised) and the null row moves from index M to N, so CFG and the null-labelled replay rows keep
+    the pre-trained unconditional embedding. A file whose table already has ``rows`` rows is returned as is.
+
+    Raises:
+        DiTCheckpointError: N > M, i.e. the new data has more classes than the pre-trained table.
+    """
+    table = state.get(_LABEL_TABLE)
+    if table is None or table.shape[0] == rows:
+        return state
+    new, old = rows - 1, table.shape[0] - 1
+    if new > old:
+        raise DiTCheckpointError(
+            f"{file}: the data has {new} classes but the pre-trained label table only {old} (+ the null row); "
+            f"new classes reuse pre-trained rows 0..N-1, so use a dataset with at most {old} classes"
+        )
+    return {**state, _LABEL_TABLE: torch.cat([table[:new], table[old:]])}
+
+
 def load_dit_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -199,6 +223,7 @@ def load_dit_checkpoint(
     ignore_keys: Iterable[str] = (),
     prefer: str = "ema",
     trusted_globals: Sequence[Any] = (),
+    reuse_labels: bool = False,
 ) -> LoadReport:
     """Load a DiT checkpoint file into ``model`` (our ``DiT`` or anything with the same key layout).
 
@@ -214,6 +239,8 @@ def load_dit_checkpoint(
         allow_missing: model keys that may be absent from the file (they keep their current values).
         allow_unexpected: file keys the model may lack (they are skipped).
         ignore_keys: file keys dropped before comparing (e.g. a label table that is re-initialised).
+        reuse_labels: a model with fewer classes takes the file's first N label rows plus its null row
+            (:func:`reuse_label_rows`; Diff-Tuning). The model's table must have a null row.
 
     Returns:
         A :class:`LoadReport` with the tolerated missing/unexpected and the ignored keys.
@@ -228,8 +255,9 @@ def load_dit_checkpoint(
     ignore = tuple(ignore_keys)
     ignored = sorted(k for k in loaded if _matches(k, ignore))
     state = {k: v for k, v in loaded.items() if k not in set(ignored)}
-
     target = model.state_dict()
+    if reuse_labels and _LABEL_TABLE in target:
+        state = reuse_label_rows(state, target[_LABEL_TABLE].shape[0], file)
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     mismatched = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]

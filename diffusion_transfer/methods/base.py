@@ -91,15 +91,20 @@ class DiffusionLightningBase(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} cannot start from a checkpoint file")
 
     def load_pretrained(self) -> None:
-        """Load ``checkpoint`` (once, when ``fit`` starts; weights restored from our .ckpt take precedence)."""
+        """Load ``checkpoint`` once, when any stage sets up (fit, validate, test, predict).
+
+        A ``--ckpt_path`` given to the command is restored after setup and so takes precedence; so do weights
+        already restored from one of our checkpoints (``load_from_checkpoint``, a resumed fit).
+        """
         if self.checkpoint and not self._pretrained_loaded:
             source = self.load_weights(self.checkpoint)
             self._pretrained_loaded = True
             rank_zero_info(f"loaded {source} weights from {self.checkpoint}")
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.load_pretrained()
+        # Every stage: `predict` with only an official checkpoint in the config (e.g. a replay bank drawn from
+        # DiT-XL/2-256) must sample from those weights, not from a random initialisation.
+        self.load_pretrained()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a

@@ -1,0 +1,162 @@
+"""Diffusion Tuning vs standard fine-tuning on a few-shot shapes transfer (filled -> outline), several seeds.
+
+    make runs/demo/checkpoints/pretrained-filled.ckpt runs/demo/checkpoints/features-shapes-outline.ckpt
+    python benchmarks/difftuning.py [--per-class 20] [--steps 500] [--seeds 0,1,2] [--bank-size 2000]
+    python benchmarks/difftuning.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
+
+Protocol, for each seed s:
+1. the source model: a small DiT pre-trained on "filled" shapes (``runs/demo``, from
+   configs/diffusion/shapes16_pretrain.yaml; trained here with that config when the file is missing);
+2. the replay bank (once): ``--bank-size`` samples of the source model through ``predict`` with
+   configs/difftuning/bank.yaml (``--bank-sampler``/``--bank-steps``; the spec's 250-step DDPM takes ~10 min per 10k);
+3. the target set: ``--per-class`` "outline" images per class, drawn with seed 1000 + s (a different few-shot set
+   per seed);
+4. two fine-tunings from the source model, same data, steps, batch, optimiser, EMA and training seed:
+   standard fine-tuning (configs/quickstart.yaml, ``Diffusion``: uniform t, all rows target) and Diffusion Tuning
+   (configs/difftuning/shapes.yaml: 20% replay rows at weight 0.1, the two t-laws);
+5. FID and class accuracy of ``--num-images`` balanced samples (EMA weights, DDIM 50, guidance 2.0) with the
+   shapes FeatureClassifier, against the full outline data set (``runs/demo/shapes-outline-16.zip``).
+Writes benchmarks/results/difftuning.json (every run, mean and sample std over seeds) and prints Markdown rows for
+docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from diffusion_transfer.cli import main as cli
+from diffusion_transfer.data import make_shapes
+
+METHODS = {"standard fine-tuning": "configs/quickstart.yaml", "Diffusion Tuning": "configs/difftuning/shapes.yaml"}
+METRICS = ("fid", "accuracy")
+CPU_QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def checkpoint_callback(path: Path) -> str:
+    return yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(path.parent), "filename": path.stem, "enable_version_counter": False}}])
+
+
+def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list[str], work: Path) -> None:
+    """Train ``config`` on ``data`` into ``checkpoint`` unless it exists (the source model, the feature network)."""
+    if checkpoint.exists():
+        return
+    cli(["fit", "--config", config, *arch, *CPU_QUIET, "--data.init_args.path", str(data),
+         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
+         "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
+         "--trainer.default_root_dir", str(work / Path(config).stem),
+         "--trainer.callbacks", checkpoint_callback(checkpoint)])
+
+
+def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch: list[str], work: Path) -> Path:
+    checkpoint = work / "checkpoints" / f"{method.split()[0].lower()}-seed{seed}.ckpt"
+    checkpoint.unlink(missing_ok=True)
+    cli(["fit", "--config", METHODS[method], *arch, *CPU_QUIET, "--seed_everything", str(seed),
+         "--model.init_args.train_seed", str(seed), "--model.init_args.checkpoint", str(args.pretrained),
+         "--model.init_args.val_num_images", "0", "--data.init_args.path", str(data),
+         "--data.init_args.seed", str(seed), "--metrics.feature_network", "null", "--trainer.max_steps",
+         str(args.steps), "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
+         "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint),
+         *(["--model.init_args.replay_bank", str(work / "bank.zip")] if "difftuning" in METHODS[method] else [])])
+    return checkpoint
+
+
+def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
+    cli(["validate", "--config", METHODS[method], *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
+         "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.target),
+         "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "[]",
+         "--trainer.default_root_dir", str(output.parent), "--metrics.feature_network", str(args.feature_network),
+         "--metrics.num_images", str(args.num_images), "--metrics.seed", "0", "--metrics.per_class", "false",
+         "--metrics.kid", "false", "--metrics.precision_recall", "false",
+         "--metrics.sampling", json.dumps({"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": 2.0}),
+         "--metrics.output", str(output)])
+    return json.loads(output.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=20, help="target images per class (20 classes)")
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps of each run (batch 64)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--bank-size", type=int, default=2000)
+    parser.add_argument("--bank-sampler", default="ddim")
+    parser.add_argument("--bank-steps", type=int, default=50)
+    parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
+    parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"))
+    parser.add_argument("--source", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
+    parser.add_argument("--target", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
+    parser.add_argument("--feature-network", type=Path,
+                        default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-difftuning"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/difftuning.json"))
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")
+    args = parser.parse_args()
+    arch: list[str] = []
+    if args.tiny:  # every model, data set and step count shrunk; source model and feature network built here
+        tmp = Path(tempfile.mkdtemp(prefix="bench-difftuning-"))
+        arch = ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
+                "{hidden_size: 32, depth: 2, num_heads: 2}"]
+        args.work, args.out, args.steps, args.bank_size, args.bank_steps = tmp, tmp / "difftuning.json", 2, 16, 2
+        args.num_images, args.eval_steps, args.per_class = 40, 2, 4
+        args.pretrained, args.feature_network = tmp / "pretrained.ckpt", tmp / "features.ckpt"
+        args.source, args.target = tmp / "filled.zip", tmp / "outline.zip"
+        make_shapes(args.source, resolution=16, per_class=8, seed=0, domain="filled")
+        make_shapes(args.target, resolution=16, per_class=8, seed=1, domain="outline")
+    for path in (args.source, args.target):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing; build the demo data first (see this script's header)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    train_once("configs/diffusion/shapes16_pretrain.yaml", args.source, args.pretrained, 2 if args.tiny else 1600,
+               arch, args.work)
+    train_once("configs/features/shapes.yaml", args.target, args.feature_network, 2 if args.tiny else 800, [],
+               args.work)
+    bank = args.work / "bank.zip"
+    if not bank.exists():
+        cli(["predict", "--config", "configs/difftuning/bank.yaml", *arch, *CPU_QUIET, "--ckpt_path",
+             str(args.pretrained), "--data.init_args.path", str(args.source),
+             "--data.init_args.predict_seeds", f"0-{args.bank_size - 1}",
+             "--model.init_args.sampler", args.bank_sampler, "--model.init_args.sample_steps", str(args.bank_steps),
+             "--writer.output_dir", str(args.work / "bank"), "--writer.zip_path", str(bank),
+             "--trainer.default_root_dir", str(args.work)])
+        shutil.rmtree(args.work / "bank")  # the zip holds the same images
+
+    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    for seed in seeds:
+        data = args.work / f"outline-{args.per_class}pc-seed{seed}.zip"
+        if not data.exists():
+            make_shapes(data, resolution=16, per_class=args.per_class, seed=1000 + seed, domain="outline")
+        for method in METHODS:
+            checkpoint = fine_tune(method, seed, data, args, arch, args.work)
+            result = evaluate(method, checkpoint, args, arch, args.work / "metrics" / f"{checkpoint.stem}.json")
+            runs[method].append({"seed": seed, **{k: result["metrics"][k] for k in METRICS},
+                                 "feature_network": result["feature_network"]})
+
+    summary = {method: {k: {"mean": statistics.mean(r[k] for r in rs),
+                            "std": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0} for k in METRICS}
+               for method, rs in runs.items()}
+    record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "minutes": round((time.time() - started) / 60, 1), "runs": runs, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n| method | FID ({args.num_images} images) | class accuracy | seeds |\n|---|---|---|---|")
+    for method, s in summary.items():
+        print(f"| {method} | {s['fid']['mean']:.2f} ± {s['fid']['std']:.2f} | "
+              f"{s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | {len(seeds)} |")
+    print(f"wrote {args.out} ({record['minutes']} min)")
+
+
+if __name__ == "__main__":
+    main()

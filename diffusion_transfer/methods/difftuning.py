@@ -1,0 +1,211 @@
+"""Diffusion Tuning (Zhong et al., NeurIPS 2024): transfer a pre-trained DiT along the "chain of forgetting".
+
+Spec: ``papers/difftuning.md``. A pre-trained denoiser transfers well at small t (low noise) and ever worse as t
+grows, so each step trains one hybrid batch of B rows:
+
+    n_rep = int(B_global * replay_ratio) (shared out over ranks),  n_tgt = B - n_rep
+    t_tgt ~ P(t) ∝ (t + 1)^s      on target images x, labels y          (adapt: favours noisy t)
+    t_rep ~ P(t) ∝ (T - t)^s'     on bank samples x̂ of the pre-trained model, label = null   (retain: clean t)
+    L_i   = hybrid loss (MSE on eps + VB on the learned variance) of row i
+    loss  = mean(L[target]) + replay_weight * mean(L[replay])
+
+The weighting is importance sampling of t, as in the reference code (spec §2.6): the two laws are never turned
+into loss weights. ``replay_weight = 0`` switches replay off and, with ``t_law: uniform``, gives exactly the
+``Diffusion`` full fine-tuning baseline (spec §6 ``full_finetune``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.archive import DatasetError
+from ..data.replay import ReplayBank
+from ..diffusion.gaussian import GaussianDiffusion
+from ..io.dit_checkpoint import load_dit_checkpoint
+from .diffusion import Diffusion
+
+T_LAWS = ("categorical", "uniform")
+#: Trainable-parameter presets (fnmatch patterns over ``net`` parameter names). ``bias`` is BitFit with the
+#: class table, ``bias_norm`` adds affine LayerNorms (present with ``arch_overrides: {norm_affine: true}``).
+TRAINABLE = {
+    "all": ("*",),
+    "bias": ("*.bias", "y_embedder.embedding_table.weight"),
+    "bias_norm": ("*.bias", "*norm*", "y_embedder.embedding_table.weight"),
+}
+
+
+def timestep_law(num_timesteps: int, scale: float, reverse: bool = False) -> Tensor:
+    """Categorical law of t in 0..T-1: P(t) ∝ (t + 1)^s, or P(t) ∝ (T - t)^s with ``reverse``. float64 ``[T]``.
+
+    With s = 1 and T = 1000 the means are (2T + 1) / 3 - 1 = 666 and (T - 1) / 3 = 333.
+    """
+    weights = torch.arange(1, num_timesteps + 1, dtype=torch.float64) ** scale  # i = t + 1
+    weights = weights.flip(0) if reverse else weights  # T - t = i reversed
+    return weights / weights.sum()
+
+
+def replay_share(batch: int, ratio: float, world: int = 1, rank: int = 0) -> int:
+    """Replay rows of this rank: int(W * B * ratio) over the W ranks, shares differing by at most one (spec §6).
+
+    Raises:
+        DatasetError: the ratio leaves the global replay part, or this rank's target part, empty.
+    """
+    total = int(world * batch * ratio)
+    share = total // world + int(rank < total % world)
+    if total == 0 or share >= batch:
+        part = "replay" if total == 0 else "target"
+        raise DatasetError(f"replay_ratio {ratio} of the global batch {world} x {batch} leaves the {part} part "
+                           "empty; pick replay_ratio (default 0.2) and data batch_size so both parts get rows")
+    return share
+
+
+def difftuning_loss(net: Any, process: GaussianDiffusion, x_tgt: Tensor, y_tgt: Tensor, t_tgt: Tensor,
+                    x_rep: Tensor, t_rep: Tensor, replay_weight: float = 0.1,
+                    noise: Tensor | None = None) -> dict[str, Tensor]:
+    """The Diff-Tuning objective on one hybrid batch ``[target; replay]`` (one forward pass, as the reference).
+
+    Args:
+        net: ``net(x_t, t, y) -> [B, C or 2C, R, R]``; a label of -1 is the null label.
+        process: the training process (T steps).
+        x_tgt: target data ``[n_tgt, C, R, R]``; y_tgt: its labels ``[n_tgt]``; t_tgt: its timesteps ``[n_tgt]``.
+        x_rep: bank samples ``[n_rep, C, R, R]`` (may be empty); t_rep: their timesteps ``[n_rep]``.
+        replay_weight: scale of the replay mean (reference ``LWF_weight``: 0.1).
+        noise: optional eps ``[n_tgt + n_rep, C, R, R]`` (drawn by the process when None).
+
+    Returns:
+        ``{"loss", "target", "replay", "mse", "vb"}`` scalars; ``target``/``replay`` are the parts' mean losses.
+    """
+    n = x_tgt.shape[0]
+    # Replay rows always train the unconditional branch; their bank labels are ignored (spec §2.4 step 7).
+    y = torch.cat([y_tgt, torch.full((x_rep.shape[0],), -1, dtype=y_tgt.dtype, device=y_tgt.device)])
+    terms = process.training_losses(net, torch.cat([x_tgt, x_rep]), torch.cat([t_tgt, t_rep]), noise=noise,
+                                    model_kwargs={"y": y})
+    target, replay = terms["loss"][:n].mean(), terms["loss"][n:]
+    out = {"loss": target, "target": target, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+    if replay.numel():
+        out["replay"] = replay.mean()
+        out["loss"] = target + replay_weight * out["replay"]
+    return out
+
+
+class DiffTuning(Diffusion):
+    """Diff-Tuning on a DiT: full (or parameter-efficient) fine-tuning with replay of pre-trained samples.
+
+    Args:
+        replay_bank: bank of pre-trained samples (spec: ``pretrained_images``), a zip from ``predict`` with
+            ``configs/difftuning/bank.yaml``; required when ``replay_weight > 0``.
+        replay_ratio: share of the global batch given to replay rows (reference ``LWF_ratio``: 0.2, i.e. 26 + 6
+            of 32). The replay rows take the place of the last rows of each data batch.
+        replay_weight: scale of the replay loss (``LWF_weight``: 0.1); 0 turns replay off.
+        prob_scale: s of the target law P(t) ∝ (t + 1)^s (``prob_scale``: 1.0).
+        replay_prob_scale: s' of the replay law P(t) ∝ (T - t)^s' (``LWF_prob_scale``); None or negative = s.
+        t_law: ``categorical`` (the two laws above) or ``uniform`` for both parts (``t_prob``).
+        replay_xflip: random flips of bank images (the reference flips both batches).
+        trainable: a :data:`TRAINABLE` preset (``all``, ``bias``, ``bias_norm``) or a list of fnmatch patterns
+            over ``net`` parameter names; the rest is frozen (Diff-Tuning combined with PEFT).
+        **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; a new label space of
+            N classes reuses its label rows 0..N-1 and its null row).
+    """
+
+    def __init__(
+        self,
+        replay_bank: str | None = None,
+        replay_ratio: float = 0.2,
+        replay_weight: float = 0.1,
+        prob_scale: float = 1.0,
+        replay_prob_scale: float | None = None,
+        t_law: str = "categorical",
+        replay_xflip: bool = True,
+        trainable: str | list[str] = "all",
+        **kwargs: Any,
+    ) -> None:
+        # A plain string before the base saves hyper-parameters, so checkpoints load with weights_only=True.
+        replay_bank = None if replay_bank is None else os.fspath(replay_bank)
+        super().__init__(**kwargs)
+        if t_law not in T_LAWS:
+            raise ValueError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")
+        if replay_weight < 0:
+            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
+        if self.net.null_label is None:
+            raise ValueError("DiffTuning trains replay rows with the null label: class_dropout_prob must be > 0")
+        self.replay_bank, self.replay_ratio, self.replay_weight = replay_bank, replay_ratio, replay_weight
+        self.replay_xflip = replay_xflip
+        self._bank: ReplayBank | None = None
+        s = prob_scale
+        s_rep = s if replay_prob_scale is None or replay_prob_scale < 0 else replay_prob_scale
+        self.uniform = t_law == "uniform"
+        steps = self.process.num_timesteps
+        # Non-persistent: they follow the module's device but stay out of checkpoints.
+        self.register_buffer("target_law", timestep_law(steps, s), persistent=False)
+        self.register_buffer("replay_law", timestep_law(steps, s_rep, reverse=True), persistent=False)
+        self._freeze_except(TRAINABLE.get(trainable, ()) if isinstance(trainable, str) else tuple(trainable),
+                            trainable)
+
+    def _freeze_except(self, patterns: tuple[str, ...], trainable: str | list[str]) -> None:
+        if not patterns:
+            raise ValueError(f"unknown trainable preset {trainable!r}; choose one of {', '.join(TRAINABLE)} or "
+                             "give a list of parameter-name patterns")
+        chosen = 0
+        for name, p in self.net.named_parameters():
+            # pos_embed is a fixed sin-cos table: it never trains, whatever the selection.
+            keep = name != "pos_embed" and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+            p.requires_grad_(keep)
+            chosen += keep
+        if not chosen:
+            raise ValueError(f"trainable {trainable!r} selects no parameter of the net")
+
+    # ------------------------------------------------------------------------------------ weights and data
+
+    def load_weights(self, path: str) -> str:
+        """The pre-trained DiT, strictly, with its label table fitted to this data's classes (rows 0..N-1 + null)."""
+        return load_dit_checkpoint(self.net, path, reuse_labels=True).source
+
+    def open_bank(self) -> ReplayBank:
+        """The replay bank, opened (and checked against the model) on first use."""
+        if self._bank is None:
+            if self.replay_bank is None:
+                raise DatasetError("DiffTuning needs replay_bank (samples of the pre-trained model, built with "
+                                   "configs/difftuning/bank.yaml), or replay_weight 0 for plain fine-tuning")
+            self._bank = ReplayBank(self.replay_bank, self.resolution, self.channels, self.replay_xflip)
+        return self._bank
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.replay_weight > 0:
+            # Fail before the first step on a missing or mismatched bank, or a batch split with an empty part.
+            self.open_bank()
+            batch = getattr(self.trainer.datamodule, "batch_size", None)
+            if batch is not None:
+                replay_share(batch, self.replay_ratio, self.trainer.world_size, self.global_rank)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def draw_timesteps(self, n: int, law: Tensor, device: torch.device) -> Tensor:
+        """``n`` timesteps from ``law`` (or uniform with ``t_law: uniform``): int64 ``[n]``."""
+        if self.uniform:
+            return self.process.sample_timesteps(n, device=device)
+        return torch.multinomial(law, n, replacement=True).to(device)
+
+    def loss(self, batch: Any) -> dict[str, Tensor]:
+        """One hybrid step: the first rows of the data batch are the target part, bank samples the rest."""
+        x, y = batch
+        if not self.training:
+            # Validation scores the baseline loss on target images, comparable across methods and steps.
+            return super().loss(batch)
+        n_rep = 0
+        if self.replay_weight > 0:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            n_rep = replay_share(x.shape[0], self.replay_ratio, world, self.global_rank)
+        n_tgt = x.shape[0] - n_rep
+        # Draws in dit_loss's order (t, then noise and label dropout inside the process), so replay off with
+        # uniform t takes exactly the baseline's step.
+        x_rep = self.open_bank().draw(n_rep, x.device).to(x.dtype) if n_rep else x[:0]
+        t_tgt = self.draw_timesteps(n_tgt, self.target_law, x.device)
+        t_rep = self.draw_timesteps(n_rep, self.replay_law, x.device) if n_rep else t_tgt[:0]
+        return difftuning_loss(self.denoiser, self.process, x[:n_tgt], y[:n_tgt], t_tgt, x_rep, t_rep,
+                               self.replay_weight)
