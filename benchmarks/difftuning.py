@@ -35,7 +35,14 @@ import yaml
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
 
-METHODS = {"standard fine-tuning": "configs/quickstart.yaml", "Diffusion Tuning": "configs/difftuning/shapes.yaml"}
+#: name -> (config, extra overrides). The two ablations separate Diff-Tuning's two ingredients.
+METHODS = {
+    "standard fine-tuning": ("configs/quickstart.yaml", []),
+    "Diffusion Tuning": ("configs/difftuning/shapes.yaml", []),
+    "ablation: replay, uniform t": ("configs/difftuning/shapes.yaml", ["--model.init_args.t_law", "uniform"]),
+    "ablation: t-law, no replay": ("configs/difftuning/shapes.yaml", ["--model.init_args.replay_weight", "0"]),
+}
+DEFAULT_METHODS = "standard fine-tuning,Diffusion Tuning"
 METRICS = ("fid", "accuracy")
 CPU_QUIET = ["--trainer.enable_progress_bar", "false"]
 
@@ -57,21 +64,23 @@ def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list
 
 
 def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch: list[str], work: Path) -> Path:
-    checkpoint = work / "checkpoints" / f"{method.split()[0].lower()}-seed{seed}.ckpt"
+    config, extra = METHODS[method]
+    slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
+    checkpoint = work / "checkpoints" / f"{slug}-seed{seed}.ckpt"
     checkpoint.unlink(missing_ok=True)
-    cli(["fit", "--config", METHODS[method], *arch, *CPU_QUIET, "--seed_everything", str(seed),
+    cli(["fit", "--config", config, *extra, *arch, *CPU_QUIET, "--seed_everything", str(seed),
          "--model.init_args.train_seed", str(seed), "--model.init_args.checkpoint", str(args.pretrained),
          "--model.init_args.val_num_images", "0", "--data.init_args.path", str(data),
          "--data.init_args.seed", str(seed), "--metrics.feature_network", "null", "--trainer.max_steps",
          str(args.steps), "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
          "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false",
          "--trainer.default_root_dir", str(work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint),
-         *(["--model.init_args.replay_bank", str(work / "bank.zip")] if "difftuning" in METHODS[method] else [])])
+         *(["--model.init_args.replay_bank", str(work / "bank.zip")] if "difftuning" in config else [])])
     return checkpoint
 
 
 def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
-    cli(["validate", "--config", METHODS[method], *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
+    cli(["validate", "--config", METHODS[method][0], *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
          "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.target),
          "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "[]",
          "--trainer.default_root_dir", str(output.parent), "--metrics.feature_network", str(args.feature_network),
@@ -87,6 +96,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20, help="target images per class (20 classes)")
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps of each run (batch 64)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--bank-size", type=int, default=2000)
     parser.add_argument("--bank-sampler", default="ddim")
     parser.add_argument("--bank-steps", type=int, default=50)
@@ -133,12 +143,16 @@ def main() -> None:
              "--trainer.default_root_dir", str(args.work)])
         shutil.rmtree(args.work / "bank")  # the zip holds the same images
 
-    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
     for seed in seeds:
         data = args.work / f"outline-{args.per_class}pc-seed{seed}.zip"
         if not data.exists():
             make_shapes(data, resolution=16, per_class=args.per_class, seed=1000 + seed, domain="outline")
-        for method in METHODS:
+        for method in methods:
             checkpoint = fine_tune(method, seed, data, args, arch, args.work)
             result = evaluate(method, checkpoint, args, arch, args.work / "metrics" / f"{checkpoint.stem}.json")
             runs[method].append({"seed": seed, **{k: result["metrics"][k] for k in METRICS},

@@ -63,6 +63,8 @@ class DiffusionCLI(LightningCLI):
         checkpoint = callback and (callback.best_model_path or callback.last_model_path)
         if checkpoint:
             lines.append(f"checkpoint: {checkpoint}")
+        summaries = [c.summary() for c in trainer.callbacks if isinstance(c, GenerativeEvaluation)]
+        lines.extend(line for line in summaries if line)
         print("\n".join(lines))
 
     def after_predict(self) -> None:

@@ -110,7 +110,7 @@ def test_bad_metric_inputs_are_one_line_errors(trained: dict[str, Path], capsys)
     assert "inception-2015-12-05" in error_of("--metrics.feature_network", "inception:/nowhere/weights.pth")
 
 
-def test_fid_is_logged_during_fit(trained: dict[str, Path]) -> None:
+def test_fid_is_logged_during_fit(trained: dict[str, Path], capsys) -> None:
     root = trained["tmp"] / "fit-metrics"
     cli = build_cli(["fit", "--config", str(trained["config"]), "--trainer.max_steps", "2",
                      "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
@@ -119,6 +119,7 @@ def test_fid_is_logged_during_fit(trained: dict[str, Path]) -> None:
                      "--metrics.feature_network", str(trained["features"]), "--metrics.num_images", "40",
                      "--metrics.per_class", "false"])
     assert "val/fid_40" in cli.trainer.callback_metrics and "val/accuracy" in cli.trainer.callback_metrics
+    assert "metrics (40 images): fid " in capsys.readouterr().out  # printed with the run's paths
     written = list(root.rglob("metrics-val-step0000002.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["metrics"]["num_images"] == 40
 

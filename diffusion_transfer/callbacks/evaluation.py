@@ -101,6 +101,15 @@ class GenerativeEvaluation(Callback):
         self._metric: GeneratedFeatures | None = None
         self._validations = 0
         self.last_results: dict[str, float | str] | None = None
+        self.last_report: Path | None = None  # JSON of the latest evaluation (rank 0)
+
+    def summary(self) -> str | None:
+        """One line with the main metrics of the latest evaluation, or None if there was none."""
+        if not self.last_results:
+            return None
+        shown = [f"{name} {value:.4g}" for name, value in self.last_results.items()
+                 if name in ("fid", "kid", "precision", "recall", "accuracy", "fid_tail") and isinstance(value, float)]
+        return f"metrics ({self.num_images} images): {', '.join(shown)}  ({self.last_report})"
 
     @property
     def enabled(self) -> bool:
@@ -246,6 +255,7 @@ class GenerativeEvaluation(Callback):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
+        self.last_report = path
         if trainer.state.fn != "fit":
             lines = [f"{name:>20s}  {value:.6g}" if isinstance(value, float) else f"{name:>20s}  {value}"
                      for name, value in results.items() if not name.startswith("fid_class/")]
