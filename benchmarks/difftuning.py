@@ -39,8 +39,8 @@ from diffusion_transfer.data import make_shapes
 METHODS = {
     "standard fine-tuning": ("configs/quickstart.yaml", []),
     "Diffusion Tuning": ("configs/difftuning/shapes.yaml", []),
-    "ablation: replay, uniform t": ("configs/difftuning/shapes.yaml", ["--model.init_args.t_law", "uniform"]),
-    "ablation: t-law, no replay": ("configs/difftuning/shapes.yaml", ["--model.init_args.replay_weight", "0"]),
+    "ablation: replay with uniform t": ("configs/difftuning/shapes.yaml", ["--model.init_args.t_law", "uniform"]),
+    "ablation: t-law without replay": ("configs/difftuning/shapes.yaml", ["--model.init_args.replay_weight", "0"]),
 }
 DEFAULT_METHODS = "standard fine-tuning,Diffusion Tuning"
 METRICS = ("fid", "accuracy")
