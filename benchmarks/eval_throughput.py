@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +117,7 @@ def main() -> None:
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "args": vars(args), "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(tmp)
     n = args.num_images
     print(f"\n| network | extract img/s | extract {n} images (s) | reference moments (s) | FID maths (s) | "
           "KID (s) | precision/recall (s) |")
