@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from common import CPU_QUIET, checkpoint_callback, train_once
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -44,25 +44,6 @@ METHODS = {
 }
 DEFAULT_METHODS = "standard fine-tuning,Diffusion Tuning"
 METRICS = ("fid", "accuracy")
-CPU_QUIET = ["--trainer.enable_progress_bar", "false"]
-
-
-def checkpoint_callback(path: Path) -> str:
-    return yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-        "dirpath": str(path.parent), "filename": path.stem, "enable_version_counter": False}}])
-
-
-def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list[str], work: Path) -> None:
-    """Train ``config`` on ``data`` into ``checkpoint`` unless it exists (the source model, the feature network)."""
-    if checkpoint.exists():
-        return
-    cli(["fit", "--config", config, *arch, *CPU_QUIET, "--data.init_args.path", str(data),
-         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
-         "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
-         "--trainer.default_root_dir", str(work / Path(config).stem),
-         "--trainer.callbacks", checkpoint_callback(checkpoint)])
-
-
 def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch: list[str], work: Path) -> Path:
     config, extra = METHODS[method]
     slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")

@@ -101,11 +101,11 @@ class _ZipStorage:
 
 
 class _FolderStorage:
-    """A folder of image files (any depth)."""
+    """A folder of image files (any depth); ``files`` lists them, or the given names (no folder walk)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: Sequence[str] | None = None) -> None:
         self.path = path
-        self.files = sorted(
+        self.files = sorted(files) if files is not None else sorted(
             (Path(root) / f).relative_to(path).as_posix() for root, _, files in os.walk(path) for f in files
         )
 

@@ -1,8 +1,10 @@
 """The synthetic "shapes" dataset: the library's embedded default, since nothing can be downloaded.
 
-Fine class = (shape kind, colour); superclass = shape kind. Each image shows one shape at a random
-position, size and rotation. Domains change the style while keeping the classes, so real transfer
-tasks exist (pre-train on one domain, adapt to another):
+Fine class = (shape kind, colour); superclass = shape kind. The default palette has 5 colours (20 classes); up
+to 8 (``colours=8``: 32 fine classes in 4 superclasses, for fine-grained tasks such as FineDiffusion's) take
+the first k colours of :data:`PALETTE`, so class c is shape ``c // k`` in colour ``c % k``.
+Each image shows one shape at a random position, size and rotation. Domains change the style while
+keeping the classes, so real transfer tasks exist (pre-train on one domain, adapt to another):
 
 - ``filled``:   solid shapes on a dark, softly shaded ground;
 - ``outline``:  outlined shapes on a light, striped ground.
@@ -21,21 +23,34 @@ import numpy as np
 from .archive import ClassInfo, DatasetError, write_dataset_zip
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {
+PALETTE = {
     "red": (220, 50, 47),
     "green": (60, 180, 75),
     "blue": (40, 90, 220),
     "yellow": (235, 200, 30),
     "purple": (150, 60, 200),
+    # Extra colours for the fine-grained variants; each is a near neighbour of one of the first five.
+    "orange": (245, 130, 40),
+    "cyan": (40, 190, 200),
+    "pink": (245, 120, 185),
 }
+DEFAULT_COLOURS = 5
+COLOURS = dict(list(PALETTE.items())[:DEFAULT_COLOURS])
 DOMAINS = ("filled", "outline")
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
 
 
-def shapes_classes() -> ClassInfo:
-    """Class names (``"red circle"`` ...) and the class -> shape-kind hierarchy of the shapes dataset."""
-    names = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
-    superclasses = [c // len(COLOURS) for c in range(NUM_CLASSES)]
+def _check_colours(colours: int) -> None:
+    if not 1 <= colours <= len(PALETTE):
+        raise DatasetError(f"shapes --colours must be in 1..{len(PALETTE)}, got {colours}")
+
+
+def shapes_classes(colours: int = DEFAULT_COLOURS) -> ClassInfo:
+    """Class names (``"red circle"`` ...) and the class -> shape-kind hierarchy, for ``colours`` colours."""
+    _check_colours(colours)
+    palette = list(PALETTE)[:colours]
+    names = [f"{colour} {shape}" for shape in SHAPES for colour in palette]
+    superclasses = [c // colours for c in range(len(SHAPES) * colours)]
     return ClassInfo(class_names=names, superclasses=superclasses, superclass_names=list(SHAPES))
 
 
@@ -52,25 +67,29 @@ def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarr
     return np.take_along_axis(stacked, kind[None, :, None, None], axis=0)[0]
 
 
-def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.random.Generator) -> np.ndarray:
+def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.random.Generator,
+                  colours: int = DEFAULT_COLOURS) -> np.ndarray:
     """Render one image per label.
 
     Args:
-        labels: int ``[B]`` fine classes in ``[0, NUM_CLASSES)``.
+        labels: int ``[B]`` fine classes in ``[0, 4 * colours)``.
         resolution: side in pixels.
         domain: one of :data:`DOMAINS`.
-        rng: source of positions, sizes, rotations and backgrounds.
+        rng: source of positions, sizes, rotations and backgrounds (the draws do not depend on ``colours``).
+        colours: palette size k (class c = shape c // k, colour c % k).
 
     Returns:
         uint8 ``[B, resolution, resolution, 3]``.
     """
     if domain not in DOMAINS:
         raise DatasetError(f"unknown shapes domain '{domain}'; choose one of {', '.join(DOMAINS)}")
+    _check_colours(colours)
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise DatasetError(f"shapes labels must be in 0..{NUM_CLASSES - 1}")
+    num_classes = len(SHAPES) * colours
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError(f"shapes labels must be in 0..{num_classes - 1}")
     batch, res = len(labels), resolution
-    kind, colour = labels // len(COLOURS), labels % len(COLOURS)
+    kind, colour = labels // colours, labels % colours
     size = rng.uniform(0.22, 0.34, batch) * res  # shape radius in pixels
     centre = rng.uniform(0.0, 1.0, (batch, 2)) * (res - 2.2 * size[:, None]) + 1.1 * size[:, None]
     theta = rng.uniform(0.0, 2.0 * np.pi, batch)
@@ -81,7 +100,7 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
     radius = size[:, None, None]
     u, v = (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
     distance = _signed_distance(kind, u, v) * radius  # in pixels
-    rgb = np.asarray(list(COLOURS.values()), dtype=np.float32)[colour][:, None, None, :]  # [B, 1, 1, 3]
+    rgb = np.asarray(list(PALETTE.values())[:colours], dtype=np.float32)[colour][:, None, None, :]  # [B, 1, 1, 3]
     if domain == "filled":
         coverage = np.clip(0.5 - distance, 0.0, 1.0)
         shade = rng.uniform(10.0, 45.0, (batch, 1, 1, 1)) + 12.0 * (dy / res)[..., None]
@@ -100,7 +119,8 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
 
 
 def iter_shapes(
-    per_class: int, resolution: int = 16, seed: int = 0, domain: str = "filled", chunk: int = 1024
+    per_class: int, resolution: int = 16, seed: int = 0, domain: str = "filled", chunk: int = 1024,
+    colours: int = DEFAULT_COLOURS,
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield ``(image [R, R, 3] uint8, label)`` for ``per_class`` images of every class, class-major.
 
@@ -110,16 +130,25 @@ def iter_shapes(
         raise DatasetError(f"shapes needs --per-class >= 1 and --resolution >= 4, got {per_class}, {resolution}")
     if domain not in DOMAINS:
         raise DatasetError(f"unknown shapes domain '{domain}'; choose one of {', '.join(DOMAINS)}")
+    _check_colours(colours)
     rng = np.random.default_rng([seed, DOMAINS.index(domain)])
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    labels = np.repeat(np.arange(len(SHAPES) * colours), per_class)
     for start in range(0, len(labels), chunk):
         part = labels[start:start + chunk]
-        yield from zip(render_shapes(part, resolution, domain, rng), part.tolist(), strict=True)
+        yield from zip(render_shapes(part, resolution, domain, rng, colours), part.tolist(), strict=True)
 
 
 def make_shapes(
-    dest: str | Path, resolution: int = 16, per_class: int = 100, seed: int = 0, domain: str = "filled"
+    dest: str | Path, resolution: int = 16, per_class: int = 100, seed: int = 0, domain: str = "filled",
+    colours: int = DEFAULT_COLOURS,
 ) -> dict:
-    """Write the shapes dataset as a dataset zip at ``dest`` (atomically); returns its ``dataset.json``."""
-    extra = {"shapes": {"domain": domain, "seed": seed, "per_class": per_class, "resolution": resolution}}
-    return write_dataset_zip(dest, iter_shapes(per_class, resolution, seed, domain), shapes_classes(), extra)
+    """Write the shapes dataset (4 shapes x ``colours`` colours) as a dataset zip at ``dest`` (atomically).
+
+    Returns its ``dataset.json``. The default (5 colours, 20 classes) writes the same bytes as before the
+    ``colours`` option existed; other palettes record ``colours`` in the provenance.
+    """
+    _check_colours(colours)
+    extra = {"shapes": {"domain": domain, "seed": seed, "per_class": per_class, "resolution": resolution,
+                        **({"colours": colours} if colours != DEFAULT_COLOURS else {})}}
+    return write_dataset_zip(dest, iter_shapes(per_class, resolution, seed, domain, colours=colours),
+                             shapes_classes(colours), extra)

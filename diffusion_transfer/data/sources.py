@@ -1,14 +1,17 @@
 """Turn image sources into dataset zips: folders, zips and the CIFAR-10/100 python tarballs.
 
-``convert`` is the library side of ``diffusion-transfer-data convert``. Geometry follows EDM's
-``dataset_tool.py``: ``center-crop`` takes the centred square of side min(H, W) and resizes it with
-LANCZOS; ``center-crop-wide`` is our square variant of its wide mode (scale to the target width, then
+``convert`` is the library side of ``diffusion-transfer-data convert``. Sources: image folders (``class/`` or
+``superclass/class/``), dataset zips, the CIFAR python tarballs, and iNaturalist-2021-style annotation files
+(``train_mini.json``: COCO-like ``images``/``annotations``/``categories`` with a ``supercategory`` per category).
+Geometry follows EDM's ``dataset_tool.py``: ``center-crop`` takes the centred square of side min(H, W) and
+resizes it with LANCZOS; ``center-crop-wide`` is our square variant of its wide mode (scale to the target width, then
 crop or letterbox the height); ``none`` only resizes images that are already square.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 import zlib
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .archive import ClassInfo, DatasetError, ImageCollection, write_dataset_zip
+from .archive import ClassInfo, DatasetError, ImageCollection, _FolderStorage, write_dataset_zip
 
 TRANSFORMS = ("none", "center-crop", "center-crop-wide")
 
@@ -120,9 +123,61 @@ def read_cifar_tarball(path: str | Path) -> ImageCollection:
     return ImageCollection(source=path, names=names, labels=labels, classes=classes, arrays=images)
 
 
-def open_source(path: str | Path) -> ImageCollection:
-    """Open any convertible source: image folder, dataset zip, or CIFAR python tarball."""
+def read_inat_annotations(path: str | Path) -> ImageCollection:
+    """Read an iNaturalist-2021-style annotation file; image ``file_name`` paths are relative to its folder.
+
+    Classes are the categories in id order (for iNat21 the id equals the ``ImageFolder`` index of the released
+    checkpoints); superclasses are the ``supercategory`` values ordered by species count, largest first (iNat21:
+    Plants, Insects, Birds, ..., Animalia), the order FineDiffusion's released weights use.
+
+    Raises:
+        DatasetError: not such a file, a category without supercategory, an image without (or with two)
+            annotations, or an annotation naming an unknown category.
+    """
     path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+        images, annotations, categories = meta["images"], meta["annotations"], meta["categories"]
+        cats = sorted(categories, key=lambda c: c["id"])
+        files = {im["id"]: im["file_name"] for im in images}
+        pairs = [(a["image_id"], a["category_id"]) for a in annotations]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read the annotation file ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise DatasetError(f"{path}: not an iNat-style annotation file (needs images[id, file_name], annotations["
+                           f"image_id, category_id], categories[id, name, supercategory]); missing {err}") from None
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    unnamed = [c.get("name", c["id"]) for c in cats if not c.get("supercategory")]
+    if unnamed:
+        raise DatasetError(f"{path}: category {unnamed[0]!r} has no supercategory; every class needs one "
+                           f"({len(unnamed)} lack it)")
+    sizes: dict[str, int] = {}
+    for c in cats:
+        sizes[c["supercategory"]] = sizes.get(c["supercategory"], 0) + 1
+    supers = sorted(sizes, key=lambda name: (-sizes[name], name))
+    label_of: dict[str, int] = {}
+    for image_id, category in pairs:
+        if category not in index or image_id not in files:
+            raise DatasetError(f"{path}: annotation of image {image_id} names an unknown image or category "
+                               f"{category}; the file is inconsistent")
+        if files[image_id] in label_of:
+            raise DatasetError(f"{path}: image {files[image_id]} has two annotations; one class per image")
+        label_of[files[image_id]] = index[category]
+    unlabelled = [f for f in files.values() if f not in label_of]
+    if unlabelled:
+        raise DatasetError(f"{path}: {len(unlabelled)} image(s) have no annotation, e.g. {unlabelled[0]}")
+    names = sorted(label_of)
+    classes = ClassInfo(class_names=[str(c.get("name", c["id"])) for c in cats],
+                        superclasses=[supers.index(c["supercategory"]) for c in cats], superclass_names=supers)
+    return ImageCollection(source=path, names=names, labels=np.array([label_of[n] for n in names], dtype=np.int64),
+                           classes=classes, storage=_FolderStorage(path.parent, names))
+
+
+def open_source(path: str | Path) -> ImageCollection:
+    """Open any convertible source: image folder, dataset zip, CIFAR python tarball, or iNat annotation file."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return read_inat_annotations(path)
     if path.is_file() and tarfile.is_tarfile(path):
         return read_cifar_tarball(path)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):

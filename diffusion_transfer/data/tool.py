@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="write the synthetic shapes dataset")
     p.add_argument("dest", help="output .zip")
     p.add_argument("--resolution", type=int, default=16)
-    p.add_argument("--per-class", type=int, default=100, help="images per class (20 classes)")
+    p.add_argument("--per-class", type=int, default=100, help="images per class (4 shapes x --colours classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--domain", choices=DOMAINS, default="filled")
+    p.add_argument("--colours", type=int, default=5, help="colours per shape, 1..8 (5: 20 classes; 8: 32)")
 
     p = sub.add_parser("convert", help="folder / zip / CIFAR tar.gz -> dataset zip")
     p.add_argument("src", help="image folder, dataset zip, or cifar-{10,100}-python.tar.gz")
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.command == "shapes":
-            meta = make_shapes(args.dest, args.resolution, args.per_class, args.seed, args.domain)
+            meta = make_shapes(args.dest, args.resolution, args.per_class, args.seed, args.domain, args.colours)
             print(f"wrote {args.dest}: {len(meta['labels'])} images, {args.resolution}x{args.resolution}, "
                   f"{len(meta['class_names'])} classes, domain {args.domain} "
                   f"({time.perf_counter() - start:.1f} s)")

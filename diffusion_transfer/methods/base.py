@@ -143,16 +143,7 @@ class DiffusionLightningBase(L.LightningModule):
         with _seeded(_step_seed(self.train_seed, self.global_step, self.global_rank, micro), self.device):
             losses = self.loss(batch)
         loss = losses["loss"]
-        # Every rank must take the same decision, or the others would wait forever in the gradient all-reduce.
-        non_finite = not bool(torch.isfinite(loss))
-        if self._trainer is not None:
-            non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
-        if non_finite:
-            raise FloatingPointError(
-                f"{type(self).__name__}: the loss is {loss.item()} at step {self.global_step}; lower the learning "
-                "rate (model.init_args.optimizer.init_args.lr), prefer bf16-mixed to 16-mixed, or clip gradients "
-                "(trainer.gradient_clip_val)"
-            )
+        self.require_finite(loss)
         # self.log costs about a millisecond per call; the logger only writes every log_every_n_steps, so
         # only those steps (and the progress bar's refresh) pay for it.
         if self._writes_logs_now():
@@ -160,6 +151,23 @@ class DiffusionLightningBase(L.LightningModule):
         if self._trainer is None or self.trainer.progress_bar_callback is not None:
             self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=_batch_size(batch))
         return loss
+
+    def require_finite(self, loss: Tensor, name: str = "loss",
+                       hint: str = "lower the learning rate (model.init_args.optimizer.init_args.lr)") -> None:
+        """Stop with the step number and a hint when ``loss`` is NaN or infinite (the same decision on every rank).
+
+        Raises:
+            FloatingPointError: the loss is not finite.
+        """
+        # Every rank must take the same decision, or the others would wait forever in the gradient all-reduce.
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
+        if non_finite:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the {name} is {loss.item()} at step {self.global_step}; {hint}, prefer "
+                "bf16-mixed to 16-mixed, or clip gradients (trainer.gradient_clip_val)"
+            )
 
     # ------------------------------------------------------------------------------------ sampling
 

@@ -16,7 +16,6 @@ into loss weights. ``replay_weight = 0`` switches replay off and, with ``t_law: 
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from typing import Any
 
@@ -27,16 +26,10 @@ from ..data.archive import DatasetError
 from ..data.replay import ReplayBank
 from ..diffusion.gaussian import GaussianDiffusion
 from ..io.dit_checkpoint import load_dit_checkpoint
+from ..nets.peft import select_trainable
 from .diffusion import Diffusion
 
 T_LAWS = ("categorical", "uniform")
-#: Trainable-parameter presets (fnmatch patterns over ``net`` parameter names). ``bias`` is BitFit with the
-#: class table, ``bias_norm`` adds affine LayerNorms (present with ``arch_overrides: {norm_affine: true}``).
-TRAINABLE = {
-    "all": ("*",),
-    "bias": ("*.bias", "y_embedder.embedding_table.weight"),
-    "bias_norm": ("*.bias", "*norm*", "y_embedder.embedding_table.weight"),
-}
 
 
 def timestep_law(num_timesteps: int, scale: float, reverse: bool = False) -> Tensor:
@@ -106,8 +99,10 @@ class DiffTuning(Diffusion):
         replay_prob_scale: s' of the replay law P(t) ∝ (T - t)^s' (``LWF_prob_scale``); None or negative = s.
         t_law: ``categorical`` (the two laws above) or ``uniform`` for both parts (``t_prob``).
         replay_xflip: random flips of bank images (the reference flips both batches).
-        trainable: a :data:`TRAINABLE` preset (``all``, ``bias``, ``bias_norm``) or a list of fnmatch patterns
-            over ``net`` parameter names; the rest is frozen (Diff-Tuning combined with PEFT).
+        trainable: a preset of :func:`~diffusion_transfer.nets.peft.select_trainable` (``full`` = ``all``,
+            ``bitfit`` = ``bias``, ``finediffusion`` = ``bias_norm``: LN affine needs ``arch_overrides:
+            {norm_affine: true}``, ``difffit``) or a list of fnmatch patterns over ``net`` parameter names; the rest
+            is frozen (Diff-Tuning combined with PEFT).
         **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; a new label space of
             N classes reuses its label rows 0..N-1 and its null row).
     """
@@ -143,21 +138,7 @@ class DiffTuning(Diffusion):
         # Non-persistent: they follow the module's device but stay out of checkpoints.
         self.register_buffer("target_law", timestep_law(steps, s), persistent=False)
         self.register_buffer("replay_law", timestep_law(steps, s_rep, reverse=True), persistent=False)
-        self._freeze_except(TRAINABLE.get(trainable, ()) if isinstance(trainable, str) else tuple(trainable),
-                            trainable)
-
-    def _freeze_except(self, patterns: tuple[str, ...], trainable: str | list[str]) -> None:
-        if not patterns:
-            raise ValueError(f"unknown trainable preset {trainable!r}; choose one of {', '.join(TRAINABLE)} or "
-                             "give a list of parameter-name patterns")
-        chosen = 0
-        for name, p in self.net.named_parameters():
-            # pos_embed is a fixed sin-cos table: it never trains, whatever the selection.
-            keep = name != "pos_embed" and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
-            p.requires_grad_(keep)
-            chosen += keep
-        if not chosen:
-            raise ValueError(f"trainable {trainable!r} selects no parameter of the net")
+        self.selection = select_trainable(self.net, trainable)
 
     # ------------------------------------------------------------------------------------ weights and data
 

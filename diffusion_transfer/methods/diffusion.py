@@ -3,7 +3,11 @@
 The loss is DiT's: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with t ~ U{0..T-1}, labels dropped to the
 null class with probability 0.1, and the IDDPM hybrid loss (MSE on eps + VB on the learned variance). The
 DiT-family methods (Diffusion Tuning, DMP, FineDiffusion) subclass this module and change the loss, the
-trainable set or the label embedder.
+trainable set or the label embedder; the long-tail methods (CBDM, T2H) change the loss only.
+
+The backbone is either a DiT (``arch`` ``DiT-S/2`` ... ``DiT-XL/8``) or a U-Net of ``nets/unet.py`` (``arch`` a
+``UNET_CONFIGS`` name, e.g. ``ddpm-cifar10``, the DDPM CIFAR U-Net of CBDM / T2H), wrapped by
+:class:`~diffusion_transfer.nets.unet_adapter.DiTCallUNet` so both take ``net(x_t, t, y, force_drop_ids=...)``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
 from ..io.dit_checkpoint import load_dit_checkpoint
-from ..nets.dit import build_dit
+from ..io.unet_checkpoint import check_state_dict, load_unet_checkpoint, read_unet_state_dict
+from ..nets.dit import DiT_CONFIGS, build_dit
+from ..nets.unet import UNET_CONFIGS, build_unet
+from ..nets.unet_adapter import DiTCallUNet
 from .base import DiffusionLightningBase
 
 SAMPLERS = ("ddpm", "ddim")
@@ -44,15 +51,37 @@ def dit_loss(net: Callable[..., Tensor], process: GaussianDiffusion, x0: Tensor,
     return {k: terms[k].mean() for k in ("loss", "mse", "vb")}
 
 
+def build_backbone(arch: str, resolution: int, channels: int, num_classes: int, class_dropout_prob: float,
+                   learn_sigma: bool, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The denoiser named ``arch``: a DiT, or a U-Net (``UNET_CONFIGS``) in :class:`DiTCallUNet`.
+
+    Outputs C channels, or 2C with ``learn_sigma``. A DiT always has a label table (one row for unconditional
+    data) plus the null row; a U-Net has ``num_classes`` label columns and no null row (-1 skips the label).
+    """
+    if arch in UNET_CONFIGS:
+        unet = build_unet(arch, img_resolution=resolution, in_channels=channels,
+                          out_channels=2 * channels if learn_sigma else channels,
+                          **{"label_dim": num_classes, **(overrides or {})})
+        return DiTCallUNet(unet, class_dropout_prob)
+    if not arch.startswith("DiT"):  # build_dit names the valid DiT spellings itself
+        raise ValueError(f"unknown model {arch!r}; valid names: {', '.join([*DiT_CONFIGS, *UNET_CONFIGS])}")
+    # Unconditional data still gets a one-row table plus the null row; every label is then -1 (null).
+    return build_dit(arch, input_size=resolution, in_channels=channels, num_classes=max(num_classes, 1),
+                     class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, **(overrides or {}))
+
+
 class Diffusion(DiffusionLightningBase):
-    """A DiT trained with Gaussian diffusion: from scratch, or fine-tuned from a checkpoint.
+    """A DiT or U-Net trained with Gaussian diffusion: from scratch, or fine-tuned from a checkpoint.
 
     Args:
-        arch: DiT name, ``DiT-S/2`` ... ``DiT-XL/8``.
-        arch_overrides: DiT arguments replacing the named config's (e.g. ``{hidden_size: 64, depth: 4,
-            num_heads: 4}`` for a tiny model).
-        checkpoint: weights to start from when ``fit`` begins: an official DiT ``.pt``, a plain state dict,
-            or a diffusion_transfer ``.ckpt`` (its EMA weights). Shapes must match exactly.
+        arch: DiT name, ``DiT-S/2`` ... ``DiT-XL/8``, or a U-Net name of ``UNET_CONFIGS`` (``ddpm-cifar10``:
+            the DDPM CIFAR U-Net of CBDM / T2H; set ``learn_sigma: false`` for its fixed-variance recipe).
+        arch_overrides: net arguments replacing the named config's (DiT e.g. ``{hidden_size: 64, depth: 4,
+            num_heads: 4}``; U-Net e.g. ``{model_channels: 32, channel_mult: [1, 2, 2]}``).
+        checkpoint: weights to start from when ``fit`` begins. DiT: an official DiT ``.pt``, a plain state dict,
+            or a diffusion_transfer ``.ckpt`` (its EMA weights). U-Net: a pytorch-ddpm / CBDM / T2H
+            ``ckpt_*.pt`` (its ``ema_model``), an EDM ``.pkl``, a state dict or our ``.ckpt``. Shapes must match
+            exactly.
         class_dropout_prob: label dropout for classifier-free guidance (DiT: 0.1).
         learn_sigma: learned-range variance with the hybrid loss (DiT: True); False = fixed variance, MSE.
         schedule: ``linear`` (DiT) or ``cosine``. prediction: ``epsilon``, ``x0`` or ``v``.
@@ -94,10 +123,8 @@ class Diffusion(DiffusionLightningBase):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-        # Unconditional data still gets a one-row table plus the null row; every label is then -1 (null).
-        self.net = build_dit(arch, input_size=self.resolution, in_channels=self.channels,
-                             num_classes=max(self.num_classes, 1), class_dropout_prob=class_dropout_prob,
-                             learn_sigma=learn_sigma, **(arch_overrides or {}))
+        self.net = build_backbone(arch, self.resolution, self.channels, self.num_classes, class_dropout_prob,
+                                  learn_sigma, arch_overrides)
         self.process = GaussianDiffusion(num_timesteps, schedule, prediction,
                                          "learned_range" if learn_sigma else "fixedlarge")
         self.checkpoint = checkpoint
@@ -132,8 +159,15 @@ class Diffusion(DiffusionLightningBase):
     # ------------------------------------------------------------------------------------ weights
 
     def load_weights(self, path: str) -> str:
-        """An official DiT ``.pt``, a plain state dict or one of our ``.ckpt`` files, loaded strictly."""
-        return load_dit_checkpoint(self.net, path).source
+        """Load ``path`` strictly: DiT files into a DiT, U-Net files (CBDM / T2H ``.pt``, ...) into a U-Net."""
+        if not isinstance(self.net, DiTCallUNet):
+            return load_dit_checkpoint(self.net, path).source
+        state, source, _ = read_unet_state_dict(path)
+        if source != "lightning":  # foreign files hold the bare U-Net
+            return load_unet_checkpoint(self.net.unet, path).source
+        check_state_dict(self.net, state, path, source)  # ours: the wrapper's keys, ``unet.*``
+        self.net.load_state_dict(state)
+        return source
 
     # ------------------------------------------------------------------------------------ training
 

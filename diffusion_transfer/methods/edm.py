@@ -71,6 +71,14 @@ def precond_of(network: EDMNetwork) -> Precond:
                          "are)")
 
 
+def check_same_precond(theirs: Precond, ours: Precond, path: str | os.PathLike[str]) -> None:
+    """Raise :class:`EDMPickleError` unless the file's preconditioning equals the model's on σ ∈ [1e-3, 1e2]."""
+    sigmas = torch.logspace(-3, 2, 11, dtype=torch.float64)
+    if not all(torch.allclose(a, b) for a, b in zip(theirs.coefficients(sigmas), ours.coefficients(sigmas))):
+        raise EDMPickleError(f"{path} was trained with {theirs}, but this model uses {ours}; set "
+                             f"model.init_args.precond (and its constants) to match the file")
+
+
 def load_edm_network(path: str | os.PathLike[str], entry: str = "ema") -> tuple[UNet, EDM]:
     """Build the net of an official EDM pickle from its stored arguments, load its weights strictly, and return it
     with the matching :class:`EDM` process (e.g. a Diff-Instruct teacher). Nothing in the file is executed.
@@ -159,11 +167,7 @@ class EDMDiffusion(DiffusionLightningBase):
         """An EDM ``.pkl``, a DDPM/CBDM ``.pt``, a state dict or our ``.ckpt``; a pickle's precond must match."""
         report = load_unet_checkpoint(self.net, path)
         if report.network is not None:
-            theirs, ours = precond_of(report.network), self.process.precond
-            sigmas = torch.logspace(-3, 2, 11, dtype=torch.float64)
-            if not all(torch.allclose(a, b) for a, b in zip(theirs.coefficients(sigmas), ours.coefficients(sigmas))):
-                raise EDMPickleError(f"{path} was trained with {theirs}, but this model uses {ours}; set "
-                                     f"model.init_args.precond (and its constants) to match the file")
+            check_same_precond(precond_of(report.network), self.process.precond, path)
         return report.source
 
     def setup(self, stage: str) -> None:

@@ -16,6 +16,9 @@ Extension points used by the transfer methods, so that none of them copies this 
 * **FineDiffusion** (tiered label table, affine LayerNorms): ``model.y_embedder`` can be replaced by any
   module with the call signature ``(labels [B], force_drop_ids=None) -> [B, D]``; ``norm_affine=True`` builds
   the LayerNorms with weights and biases (keys ``blocks.{i}.norm1/norm2.*`` and ``final_layer.norm_final.*``).
+* **DiffFit** (branch scales): ``branch_scales=k`` gives blocks 0..k-1 learnable vectors ``gamma_msa`` and
+  ``gamma_mlp`` (shape [D], init 1) that scale the attention and MLP branch outputs; k = 0 (default) keeps the
+  official key table. Parameter selection for fine-tuning lives in ``nets/peft.py``.
 * **Diff-Tuning / CFG** (null labels per sample): a label of ``-1`` means "null" and maps to the null index
   ``num_classes``; ``force_drop_ids`` (a [B] bool or 0/1 mask) drops exactly the marked samples.
 
@@ -315,12 +318,15 @@ class DiTBlock(nn.Module):
     then shift/scale/gate for the MLP:
       x <- x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
       x <- x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
-    LayerNorms have no affine parameters (eps 1e-6) unless ``norm_affine`` (FineDiffusion) is set.
+    LayerNorms have no affine parameters (eps 1e-6) unless ``norm_affine`` (FineDiffusion) is set. With
+    ``branch_scale`` (DiffFit) each branch output is also multiplied by its own learnable [D] vector γ (init 1):
+    ``x + gate * γ ⊙ branch``; γ and the gate both scale channels, so their order does not matter.
     Works on any token count, so prepended extra tokens pass through. x [B, N, D], c [B, D] -> [B, N, D].
     """
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_affine: bool = False
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_affine: bool = False,
+        branch_scale: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=LN_EPS, elementwise_affine=norm_affine)
@@ -328,12 +334,17 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=LN_EPS, elementwise_affine=norm_affine)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        # DiffFit's γ; absent (None) by default so the official key table is unchanged.
+        self.gamma_msa = nn.Parameter(torch.ones(hidden_size)) if branch_scale else None
+        self.gamma_mlp = nn.Parameter(torch.ones(hidden_size)) if branch_scale else None
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x [B, N, D], c [B, D] -> [B, N, D]."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
+        if self.gamma_msa is not None:
+            gate_msa, gate_mlp = gate_msa * self.gamma_msa, gate_mlp * self.gamma_mlp
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -380,6 +391,7 @@ class DiT(nn.Module):
         num_classes: number of real classes (1000 for ImageNet).
         learn_sigma: output 2C channels (noise + variance) instead of C.
         norm_affine: give the LayerNorms weights and biases (FineDiffusion); the official DiT has none.
+        branch_scales: DiffFit γ vectors in the first ``branch_scales`` blocks (0 = none, the official layout).
 
     Attributes:
         gradient_checkpointing: recompute blocks in the backward pass to save activation memory.
@@ -398,6 +410,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         norm_affine: bool = False,
+        branch_scales: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -415,7 +428,10 @@ class DiT(nn.Module):
             num_classes=num_classes,
             learn_sigma=learn_sigma,
             norm_affine=norm_affine,
+            branch_scales=branch_scales,
         )
+        if branch_scales < 0:
+            raise ValueError(f"branch_scales must be >= 0 (blocks with DiffFit γ), got {branch_scales}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -434,7 +450,8 @@ class DiT(nn.Module):
         # A Parameter (not a buffer) because the official state dict stores it; frozen: it is a fixed table.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine=norm_affine) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine=norm_affine, branch_scale=i < branch_scales)
+            for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_affine=norm_affine)
         self.initialize_weights()
@@ -448,7 +465,7 @@ class DiT(nn.Module):
         label table and both timestep-MLP weights N(0, 0.02^2); zero weight and bias for every block's adaLN
         Linear, the final adaLN and ``final_layer.linear`` (adaLN-Zero: blocks start as the identity and the
         output is 0); ``pos_embed`` from the fixed sin-cos table. Affine LayerNorms (``norm_affine``) start at
-        weight 1, bias 0.
+        weight 1, bias 0, and DiffFit's γ at 1, so both leave the function of a loaded DiT unchanged.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -473,6 +490,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.gamma_msa is not None:
+                nn.init.ones_(block.gamma_msa)
+                nn.init.ones_(block.gamma_mlp)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

@@ -1,0 +1,31 @@
+"""Pieces every benchmark script shares: quiet CPU runs, a fixed-name checkpoint, a train-once step.
+
+The scripts run from the repository root as ``python benchmarks/NAME.py``; Python then puts ``benchmarks/`` on the
+import path, so they import this module as ``common``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from diffusion_transfer.cli import main as cli
+
+CPU_QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def checkpoint_callback(path: Path) -> str:
+    return yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(path.parent), "filename": path.stem, "enable_version_counter": False}}])
+
+
+def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list[str], work: Path) -> None:
+    """Train ``config`` on ``data`` into ``checkpoint`` unless it exists (the source model, the feature network)."""
+    if checkpoint.exists():
+        return
+    cli(["fit", "--config", config, *arch, *CPU_QUIET, "--data.init_args.path", str(data),
+         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
+         "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
+         "--trainer.default_root_dir", str(work / Path(config).stem),
+         "--trainer.callbacks", checkpoint_callback(checkpoint)])

@@ -1,0 +1,189 @@
+"""Does DMP improve a converged DiT? DMP vs continued full fine-tuning vs prompt tuning on shapes, several seeds.
+
+    make runs/demo/checkpoints/pretrained-filled.ckpt
+    python benchmarks/dmp.py [--steps 400] [--seeds 0,1,2] [--num-images 1000]
+    python benchmarks/dmp.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
+
+The paper's claim (papers/dmp.md §5): further training of a converged DiT on its own pre-training data makes it worse
+with full fine-tuning or naive prompt tuning, and better with DMP. Protocol, all on the "filled" shapes domain:
+1. the feature network for FID: configs/features/shapes.yaml trained on the filled data (once, in the work folder);
+2. convergence: the pre-training run (configs/diffusion/shapes16_pretrain.yaml: lr 1e-3, EMA 0.995) is resumed from
+   its checkpoint (``runs/demo``; trained here when missing) in chunks of ``--chunk`` steps, with the FID of its EMA
+   weights after each chunk, until ``--patience`` chunks in a row fail to beat the best FID so far by more than
+   ``--tol`` (relative), or ``--max-chunks`` chunks. Its last checkpoint is the converged model;
+3. for each seed, ``--steps`` more steps from the converged model on the same data, batch 64, raw weights (no EMA,
+   as the paper), constant lr: DMP (configs/dmp/shapes.yaml: prompts 1e-4, gate 1e-3, balance loss weight 1), naive
+   prompt tuning (the same, ``gating: false``) and full fine-tuning (the pre-training config at lr 1e-4);
+   ``--lr-scale`` multiplies all three learning rates;
+4. FID and class accuracy of ``--num-images`` balanced samples (DDIM 50, guidance 2.0, sample seeds 0..n-1 for every
+   model) with that feature network, against the whole filled data set.
+Writes benchmarks/results/dmp.json (FID curve of the convergence phase, every run, mean and sample std over seeds,
+added parameters) and prints Markdown rows for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import CPU_QUIET, checkpoint_callback, train_once
+
+from diffusion_transfer.cli import main as cli
+from diffusion_transfer.data import make_shapes
+
+PRETRAIN = "configs/diffusion/shapes16_pretrain.yaml"
+DMP_CONFIG = "configs/dmp/shapes.yaml"
+#: name -> (config, base learning rate, extra overrides); every run also gets --ema.decay 0 (raw weights).
+METHODS = {
+    "DMP": (DMP_CONFIG, 1e-4, []),
+    "prompt tuning": (DMP_CONFIG, 1e-4, ["--model.init_args.gating", "false"]),
+    "full fine-tuning": (PRETRAIN, 1e-4, []),
+}
+METRICS = ("fid", "accuracy")
+NO_VAL = ["--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
+          "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false",
+          "--model.init_args.val_num_images", "0"]
+
+
+def evaluate(config: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
+    """FID and accuracy of ``checkpoint`` (a DMP checkpoint is re-attached to its base) -> the metrics dict."""
+    cli(["validate", "--config", config, *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
+         "--data.init_args.path", str(args.data), "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+         "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(output.parent),
+         "--metrics.feature_network", str(args.feature_network), "--metrics.reference", str(args.reference),
+         "--metrics.num_images", str(args.num_images), "--metrics.seed", "0", "--metrics.per_class", "false",
+         "--metrics.kid", "false", "--metrics.precision_recall", "false",
+         "--metrics.sampling", json.dumps({"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": 2.0}),
+         "--metrics.output", str(output)])
+    return {k: json.loads(output.read_text())["metrics"][k] for k in METRICS}
+
+
+def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict], bool]:
+    """Resume pre-training chunk by chunk until the FID stops improving (or ``--max-chunks``).
+
+    Returns the last checkpoint, the FID curve and whether the FID had stopped improving.
+    """
+    step = int(torch.load(args.pretrained, map_location="cpu", weights_only=True)["global_step"])
+    checkpoint, curve = args.pretrained, []
+    while True:
+        result = evaluate(PRETRAIN, checkpoint, args, arch, args.work / "metrics" / f"converge-step{step}.json")
+        curve.append({"step": step, **result})
+        print(f"convergence: step {step}, FID {result['fid']:.3f}")
+        fids = [point["fid"] for point in curve]
+        stalled = len(fids) > args.patience and all(
+            fids[i] > (1 - args.tol) * min(fids[:i]) for i in range(len(fids) - args.patience, len(fids)))
+        if stalled or len(curve) > args.max_chunks:
+            return checkpoint, curve, stalled
+        step += args.chunk
+        following = args.work / "converge" / f"step{step}.ckpt"
+        if not following.exists():
+            cli(["fit", "--config", PRETRAIN, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path", str(checkpoint),
+                 "--data.init_args.path", str(args.data), "--trainer.max_steps", str(step),
+                 "--trainer.default_root_dir", str(args.work / "converge"),
+                 "--trainer.callbacks", checkpoint_callback(following)])
+        checkpoint = following
+
+
+def further_train(method: str, seed: int, base: Path, args: argparse.Namespace, arch: list[str]) -> Path:
+    config, lr, extra = METHODS[method]
+    slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
+    checkpoint = args.work / "checkpoints" / f"{slug}-seed{seed}.ckpt"
+    checkpoint.unlink(missing_ok=True)
+    cli(["fit", "--config", config, *extra, *arch, *CPU_QUIET, *NO_VAL, "--seed_everything", str(seed),
+         "--model.init_args.train_seed", str(seed), "--model.init_args.checkpoint", str(base),
+         "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.AdamW",
+                                                    "init_args": {"lr": lr * args.lr_scale, "weight_decay": 0.0}}),
+         "--ema.decay", "0", "--data.init_args.path", str(args.data), "--trainer.max_steps", str(args.steps),
+         "--trainer.default_root_dir", str(args.work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint)])
+    return checkpoint
+
+
+def trainable_share(checkpoint: Path, base: Path) -> dict[str, float]:
+    """Trained parameters of a run (the paper's count for a patch: W_noise left out) and their share of the DiT."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    backbone = sum(v.numel() for k, v in torch.load(base, map_location="cpu", weights_only=True)["state_dict"].items()
+                   if k.startswith("net."))
+    patch = sum(v.numel() for k, v in state.items() if k.startswith("patch.") and k != "patch.w_noise")
+    trained = patch if patch else backbone
+    return {"trained_parameters": trained, "share": trained / backbone}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="further-training steps of each run (batch 64)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every method's learning rates")
+    parser.add_argument("--chunk", type=int, default=400, help="steps between FIDs in the convergence phase")
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--tol", type=float, default=0.03, help="relative FID gain that counts as improving")
+    parser.add_argument("--max-chunks", type=int, default=4)
+    parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
+    parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"))
+    parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-dmp"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dmp.json"))
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")
+    args = parser.parse_args()
+    arch: list[str] = []
+    if args.tiny:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-dmp-"))
+        arch = ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
+                "{hidden_size: 32, depth: 2, num_heads: 2}"]
+        args.work, args.out, args.steps, args.chunk, args.max_chunks = tmp, tmp / "dmp.json", 2, 2, 1
+        args.num_images, args.eval_steps, args.seeds = 40, 2, "0,1"
+        args.pretrained, args.data = tmp / "pretrained.ckpt", tmp / "filled.zip"
+        make_shapes(args.data, resolution=16, per_class=8, seed=0, domain="filled")
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} is missing; build the demo data first (see this script's header)")
+    args.feature_network = args.work / "features-filled.ckpt"
+    args.reference = args.work / "reference-filled.npz"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    train_once(PRETRAIN, args.data, args.pretrained, 2 if args.tiny else 1600, arch, args.work)
+    train_once("configs/features/shapes.yaml", args.data, args.feature_network, 2 if args.tiny else 800, [],
+               args.work)
+    base, curve, stalled = converge(args, arch)
+    converged_at = time.time()
+    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    for seed in seeds:
+        for method in METHODS:
+            checkpoint = further_train(method, seed, base, args, arch)
+            output = args.work / "metrics" / f"{checkpoint.stem}.json"
+            result = evaluate(METHODS[method][0], checkpoint, args, arch, output)
+            runs[method].append({"seed": seed, **result, **trainable_share(checkpoint, base)})
+
+    reference = curve[-1]
+    summary = {method: {**{k: {"mean": statistics.mean(r[k] for r in rs),
+                               "std": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0} for k in METRICS},
+                        "fid_change": statistics.mean(r["fid"] for r in rs) - reference["fid"],
+                        "share": rs[0]["share"], "trained_parameters": rs[0]["trained_parameters"]}
+               for method, rs in runs.items()}
+    record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "converged": {"checkpoint": str(base), "curve": curve, "fid_stopped_improving": stalled,
+                            "minutes": round((converged_at - started) / 60, 1)},
+              "minutes": round((time.time() - started) / 60, 1), "runs": runs, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    warning = "" if stalled else "; WARNING: the FID had not stopped improving within --max-chunks chunks"
+    print("\nconvergence (pre-training recipe resumed): "
+          + ", ".join(f"step {p['step']}: FID {p['fid']:.2f}" for p in curve) + warning)
+    print(f"\n| method (+{args.steps} steps from step {reference['step']}) | trained parameters | FID "
+          f"({args.num_images} images) | FID change | class accuracy | seeds |\n|---|---|---|---|---|---|")
+    print(f"| converged model | - | {reference['fid']:.2f} | - | {reference['accuracy']:.3f} | - |")
+    for method, s in summary.items():
+        print(f"| {method} | {s['trained_parameters']:,} ({s['share']:.2%}) | {s['fid']['mean']:.2f} ± "
+              f"{s['fid']['std']:.2f} | {s['fid_change']:+.2f} | {s['accuracy']['mean']:.3f} ± "
+              f"{s['accuracy']['std']:.3f} | {len(seeds)} |")
+    print(f"wrote {args.out} ({record['minutes']} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""FineDiffusion (Pan et al., arXiv 2402.18331): parameter-efficient fine-tuning of a DiT to many fine classes.
+
+Spec: ``papers/finediffusion.md``. Starting from a pre-trained DiT:
+
+1. replace the class table by the tiered one (N fine rows + S superclass rows, all fresh N(0, 0.02²));
+2. switch the LayerNorms' affine parameters on (weight 1, bias 0: the function is unchanged);
+3. train only biases + LayerNorm affines + the table (``nets/peft.py`` preset ``finediffusion``: 1.77% of
+   DiT-XL/2 for iNat's 10,000 + 11 rows) with DiT's loss, where a training label becomes its superclass token
+   N + π(y) with probability 0.1 (tiered dropout: the superclass is the class's own "null");
+4. sample with superclass-conditioned guidance, one doubled batch [y; N + π(y)] through the shared guidance function:
+
+       ε̃(x_t, y) = ε(x_t, N + π(y)) + s · [ε(x_t, y) − ε(x_t, N + π(y))],   s = 4.0.
+
+Baselines of the paper through the same class: ``peft: full | bitfit | difffit`` with ``tiered: false`` (DiT's
+flat table with its ∅ row, fresh, and classifier-free guidance). Checkpoints of a PEFT run hold only the trained
+tensors plus a reference to the base weights (``methods/peft.py``, ``io/peft_checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from ..data.archive import DatasetError
+from ..diffusion.gaussian import GaussianDiffusion
+from ..io.dit_checkpoint import load_dit_checkpoint
+from ..nets.class_embedder import TieredLabelEmbedder, check_superclass_map, install_tiered_embedder
+from ..nets.peft import ALIASES, select_trainable
+from .diffusion import Diffusion
+from .peft import BaseReferencedCheckpoint
+
+GUIDANCE = ("superclass", "cfg")
+_TABLE = "y_embedder.embedding_table.weight"
+#: Keys a FineDiffusion/DiffFit net has beyond an official DiT (allowed to be absent from the base file).
+_NEW_KEYS = (_TABLE, "y_embedder.class_to_super", "blocks.*.norm1.*", "blocks.*.norm2.*",
+             "final_layer.norm_final.*", "blocks.*.gamma_*")
+
+
+def pair_guided(net: Callable[..., Tensor], process: GaussianDiffusion, labels: Tensor, reference: Tensor,
+                scale: float, guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``model_fn(x, t)`` guiding from ``reference`` labels toward ``labels`` in one doubled batch.
+
+    ``out = net([x; x], [t; t], [y; r])`` and then ``r_out + s (y_out − r_out)`` on the guided channels (the rest
+    from the ``y`` half), via :meth:`GaussianDiffusion.guided_output` and hence ``apply_guidance``. With r = ∅ this is
+    CFG; with r = N + π(y) FineDiffusion's superclass guidance.
+    """
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        cond, ref = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, reference])).chunk(2)
+        return process.guided_output(cond, ref, scale, guidance_channels)
+
+    return model_fn
+
+
+class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
+    """FineDiffusion on a DiT (and the full / BitFit / DiffFit baselines), see the module docstring.
+
+    Args:
+        peft: trainable preset of ``nets/peft.py``: ``finediffusion`` (biases + LN affine + table), ``bitfit``
+            (biases + table), ``difffit`` (biases + γ + LN affine if on + table), ``full``; or ``fnmatch``
+            patterns over net parameter names.
+        tiered: the tiered table (paper); False keeps DiT's flat table with its ∅ row (baselines, CFG only).
+        num_superclasses: S, the superclass rows (``--num-super-classes``; iNat21: 11). Default: from
+            ``superclasses``.
+        superclasses: π as a list (one superclass per class); default: the data module's ``superclass_of``.
+        null_dropout_prob: ours: share of training labels sent to an extra ∅ row of the tiered table, so that
+            plain CFG can be compared on the same model (paper: 0, no ∅ row).
+        guidance: ``superclass`` (paper, tiered only) or ``cfg`` (needs a ∅ row); ``generate(guidance=...)``
+            overrides it per call.
+        difffit_depth: blocks 0..k-1 get DiffFit's γ with ``peft: difffit`` (Diff-Tuning's DiffFit: 14).
+        guidance_scale: s (``--cfg-scale``: 4.0).
+        **kwargs: :class:`Diffusion` arguments; ``checkpoint`` is the base DiT (its label table is dropped and
+            re-initialised, LN affine / γ start at the identity); ``class_dropout_prob`` is the tiered dropout.
+    """
+
+    def __init__(
+        self,
+        peft: str | list[str] = "finediffusion",
+        tiered: bool = True,
+        num_superclasses: int | None = None,
+        superclasses: list[int] | None = None,
+        null_dropout_prob: float = 0.0,
+        guidance: str = "superclass",
+        difffit_depth: int = 14,
+        guidance_scale: float = 4.0,
+        arch_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        superclasses = None if superclasses is None else [int(s) for s in superclasses]
+        preset = ALIASES.get(peft, peft) if isinstance(peft, str) else None
+        # The preset decides the architecture change: affine LNs for FineDiffusion, γ for DiffFit (overridable).
+        overrides = {"norm_affine": preset == "finediffusion",
+                     "branch_scales": difffit_depth if preset == "difffit" else 0, **(arch_overrides or {})}
+        super().__init__(guidance_scale=guidance_scale, arch_overrides=overrides, **kwargs)
+        if guidance not in GUIDANCE:
+            raise ValueError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
+        self.tiered = tiered
+        if tiered:
+            if num_superclasses is None and superclasses is None:
+                raise ValueError("the tiered table needs num_superclasses (its superclass rows; iNat21: 11) or the "
+                                 "superclasses list")
+            count = num_superclasses if num_superclasses is not None else max(superclasses) + 1  # type: ignore
+            install_tiered_embedder(self.net, count, superclasses, self.net.y_embedder.dropout_prob,
+                                    null_dropout_prob)
+        elif guidance == "superclass":
+            raise ValueError("superclass guidance needs the tiered table; set tiered: true, or guidance: cfg")
+        self.sampling["guidance"] = guidance
+        self._check_guidance(guidance)
+        self.selection = select_trainable(self.net, peft)
+        rank_zero_info(f"FineDiffusion peft={peft}: {self.selection}")
+
+    # ------------------------------------------------------------------------------------ hierarchy
+    @property
+    def embedder(self) -> TieredLabelEmbedder:
+        if not isinstance(self.net.y_embedder, TieredLabelEmbedder):
+            raise ValueError("this model has DiT's flat label table (tiered: false): it has no superclass tokens")
+        return self.net.y_embedder
+
+    def set_superclasses(self, superclass_of: Sequence[int], where: str = "the superclass map") -> None:
+        """Set π; a different map than the one already set (init arg, checkpoint) is an error."""
+        try:
+            new = check_superclass_map(superclass_of, self.embedder.num_classes, self.embedder.num_superclasses,
+                                       where)
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
+        current = self.embedder.class_to_super.tolist()
+        if all(s >= 0 for s in current) and current != new:
+            c = next(i for i, (a, b) in enumerate(zip(current, new, strict=True)) if a != b)
+            raise DatasetError(f"{where} is inconsistent with the model's: class {c} has superclass {new[c]} there "
+                               f"but {current[c]} in the model (init arg or checkpoint); use data with the same "
+                               "hierarchy, or a new model")
+        self.embedder.set_superclasses(new, where)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if not self.tiered:
+            return
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        superclass_of = getattr(data, "superclass_of", None)
+        if superclass_of is not None:
+            self.set_superclasses(superclass_of, f"the superclasses of {getattr(data, 'path', 'the data')}")
+        elif stage == "fit" and not self.embedder.has_superclasses:
+            raise DatasetError("FineDiffusion needs a class -> superclass map, and neither the data nor the model has "
+                               "one: use superclass/class/ folders, a dataset.json with 'superclasses', an iNat "
+                               "annotation file (diffusion-transfer-data convert), or model.init_args.superclasses")
+
+    # ------------------------------------------------------------------------------------ weights
+    def load_base_weights(self, path: str) -> str:
+        """The base DiT: strict, except the label table (dropped: fresh rows) and the keys FineDiffusion adds."""
+        report = load_dit_checkpoint(self.net, path, ignore_keys=[_TABLE], allow_missing=_NEW_KEYS)
+        self._not_in_base = [f"net.{k}" for k in report.missing]
+        return report.source
+
+    def _refers_to_base(self) -> bool:
+        """A PEFT run's checkpoint refers to its base (an error without one); a full run stores everything."""
+        return any(not p.requires_grad for n, p in self.net.named_parameters() if n != "pos_embed")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        key = "net.y_embedder.class_to_super"
+        if self.tiered and key in checkpoint["state_dict"] and self.embedder.has_superclasses:
+            self.set_superclasses(checkpoint["state_dict"][key].tolist(), "the checkpoint's superclass map")
+        super().on_load_checkpoint(checkpoint)  # re-attaches a PEFT checkpoint to its base
+
+    # ------------------------------------------------------------------------------------ sampling
+    def _check_guidance(self, guidance: str) -> None:
+        if guidance not in GUIDANCE:
+            raise ValueError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
+        if guidance == "cfg" and self.net.null_label is None:
+            raise ValueError("plain CFG needs an unconditional (∅) row, and this tiered table has none (as the "
+                             "paper's): use guidance 'superclass', or train with null_dropout_prob > 0")
+        if guidance == "superclass" and not self.tiered:
+            raise ValueError("superclass guidance needs the tiered table (tiered: true)")
+
+    def generate(self, noise: Tensor, labels: Tensor, generators: Sequence[torch.Generator],
+                 **sampling: Any) -> Tensor:
+        """As :meth:`Diffusion.generate`, plus ``guidance`` = ``superclass`` or ``cfg``."""
+        self._guidance = sampling.pop("guidance", self.sampling["guidance"])
+        self._check_guidance(self._guidance)
+        try:
+            return super().generate(noise, labels, generators, **sampling)
+        finally:
+            del self._guidance
+
+    def guided_denoiser(self, labels: Tensor, guidance_scale: float,
+                        guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """Superclass guidance ``[y; N + π(y)]`` (or the parent's CFG ``[y; ∅]``) in one doubled batch."""
+        guidance = getattr(self, "_guidance", self.sampling["guidance"])
+        if guidance == "cfg" or guidance_scale == 1.0:
+            return super().guided_denoiser(labels, guidance_scale, guidance_channels)
+        tokens = self.embedder.superclass_token(labels)
+        return pair_guided(self.denoiser, self.process, labels, tokens, guidance_scale, guidance_channels)

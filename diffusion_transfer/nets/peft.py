@@ -1,0 +1,130 @@
+"""Parameter selection for (parameter-efficient) fine-tuning: which tensors of a net train, by explicit rules.
+
+Spec: ``papers/finediffusion.md`` §2.4, §2.6 and §6 ("explicit module-type rules"). A parameter belongs to
+
+* ``bias``:  a parameter whose own name is ``bias`` (Linear, Conv, LayerNorm, ...);
+* ``norm``:  a parameter of a normalisation layer (LayerNorm, GroupNorm, BatchNorm, RMSNorm); DiT's LayerNorms
+  have none unless built with ``norm_affine=True``;
+* ``table``: a parameter of the class-label embedder ``y_embedder`` (the class table, tiered or not);
+* ``gamma``: a DiffFit branch scale (``blocks.{i}.gamma_msa`` / ``gamma_mlp``, see ``nets/dit.py``).
+
+Presets (``pos_embed``, DiT's fixed sin-cos table, never trains):
+
+====================  =====================================  ==============================================
+preset                trains                                 DiT-XL/2, 10,000 + 11 rows, affine LNs
+====================  =====================================  ==============================================
+``finediffusion``     bias + norm + table                    12,153,632 of 685,640,480 (1.7726 %)
+``bitfit``            bias + table                           489,632 biases + the table
+``difffit``           bias + norm + gamma + table            biases, γ (and LN affine if the net has it)
+``full``              everything                             all but ``pos_embed``
+====================  =====================================  ==============================================
+
+Rules are by module type, not by substring, so a future ``q_norm`` Identity or a module named ``*bias*`` is
+not caught by accident (spec pitfall 6). A list of ``fnmatch`` patterns over parameter names is accepted too.
+Pure torch: nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["PRESETS", "Selection", "parameter_groups", "select_trainable"]
+
+#: Fixed tables that never train, whatever the selection.
+NEVER = ("pos_embed",)
+#: Preset -> the rule groups it trains (``all`` = every parameter).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "finediffusion": ("bias", "norm", "table"),
+    "bitfit": ("bias", "table"),
+    "difffit": ("bias", "norm", "gamma", "table"),
+    "full": ("all",),
+}
+#: Older names (Diff-Tuning's presets) kept working.
+ALIASES = {"all": "full", "bias": "bitfit", "bias_norm": "finediffusion"}
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
+          *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_trainable` did: the trainable names and the counts (elements, not tensors)."""
+
+    names: tuple[str, ...]
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        """Trainable share of all parameters (``pos_embed`` included in the denominator, as the paper's 1.77%)."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.4f}%)"
+
+
+def parameter_groups(model: nn.Module, label_embedder: str = "y_embedder") -> dict[str, set[str]]:
+    """Parameter names of ``model`` in each rule group: ``bias``, ``norm``, ``table``, ``gamma``, ``all``.
+
+    A parameter may sit in several groups (a LayerNorm bias is ``bias`` and ``norm``).
+    """
+    groups: dict[str, set[str]] = {k: set() for k in ("bias", "norm", "table", "gamma", "all")}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for local, _ in module.named_parameters(recurse=False):
+            name = prefix + local
+            groups["all"].add(name)
+            if local == "bias":
+                groups["bias"].add(name)
+            if local.startswith("gamma_"):
+                groups["gamma"].add(name)
+            if isinstance(module, _NORMS):
+                groups["norm"].add(name)
+            if module_name == label_embedder or module_name.startswith(label_embedder + "."):
+                groups["table"].add(name)
+    return groups
+
+
+def resolve(selection: str | Sequence[str], model: nn.Module) -> set[str]:
+    """The parameter names a preset name (or an ``fnmatch`` pattern list) selects, before ``NEVER`` is removed."""
+    groups = parameter_groups(model)
+    if isinstance(selection, str):
+        preset = ALIASES.get(selection, selection)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown trainable preset {selection!r}; choose one of "
+                             f"{', '.join([*PRESETS, *ALIASES])} or give a list of parameter-name patterns")
+        return set().union(*(groups[g] for g in PRESETS[preset]))
+    patterns = tuple(selection)
+    return {n for n in groups["all"] if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def select_trainable(model: nn.Module, selection: str | Sequence[str], verbose: bool = False) -> Selection:
+    """Set ``requires_grad`` on ``model``: the selected parameters train, every other one is frozen.
+
+    Args:
+        model: the net (a :class:`~diffusion_transfer.nets.dit.DiT` or any module using the same names).
+        selection: a preset of :data:`PRESETS` (or an alias ``all``/``bias``/``bias_norm``), or ``fnmatch``
+            patterns over parameter names (e.g. ``["final_layer.*"]``).
+        verbose: print the trainable count and percentage.
+
+    Returns:
+        The :class:`Selection` (names, trainable and total element counts).
+
+    Raises:
+        ValueError: unknown preset, or a selection that picks no parameter.
+    """
+    chosen = resolve(selection, model) - set(NEVER)
+    if not chosen:
+        raise ValueError(f"trainable {selection!r} selects no parameter of the net")
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+        total += p.numel()
+        trainable += p.numel() if name in chosen else 0
+    result = Selection(tuple(n for n, _ in model.named_parameters() if n in chosen), trainable, total)
+    if verbose:
+        print(f"{selection if isinstance(selection, str) else 'patterns'}: {result}")
+    return result

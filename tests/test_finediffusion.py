@@ -1,0 +1,352 @@
+"""FineDiffusion: selection rule counts, frozen tensors, tiered dropout, superclass guidance, PEFT checkpoints,
+hierarchy errors, DiffFit γ, iNat annotations, 8-colour shapes and a tiny CLI fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from diffusion_transfer import DiffusionDataModule, FineDiffusion, TrainableEMA
+from diffusion_transfer.cli import main
+from diffusion_transfer.data import DatasetError, make_shapes
+from diffusion_transfer.data.shapes import render_shapes, shapes_classes
+from diffusion_transfer.data.sources import read_inat_annotations
+from diffusion_transfer.io.checkpoint import CheckpointError
+from diffusion_transfer.io.dit_checkpoint import DiTCheckpointError
+from diffusion_transfer.io.peft_checkpoint import peft_checkpoint_info
+from diffusion_transfer.nets import build_dit
+from diffusion_transfer.nets.class_embedder import TieredLabelEmbedder, install_tiered_embedder
+from diffusion_transfer.nets.dit import DiT
+from diffusion_transfer.nets.peft import parameter_groups, select_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def tiny_dit(**kw) -> DiT:
+    torch.manual_seed(0)
+    return DiT(**{"input_size": 8, "patch_size": 2, "in_channels": 3, "num_classes": 10, **TINY, **kw})
+
+
+def tiny_model(**kw) -> FineDiffusion:
+    args = dict(arch="DiT-S/2", arch_overrides=TINY, num_classes=32, resolution=8, channels=3, num_superclasses=4,
+                superclasses=[c // 8 for c in range(32)], sample_steps=2, sampler="ddim")
+    return FineDiffusion(**{**args, **kw})
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name != "pos_embed":
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- selection rule
+
+def test_selection_counts_on_a_small_dit_by_hand() -> None:
+    d, depth, c, p, n, s, tokens = 32, 2, 3, 2, 10, 3, 16  # 8x8 input, patch 2 -> 16 tokens
+    out = p * p * 2 * c  # learned sigma: 2C channels per pixel of a patch
+    net = tiny_dit(norm_affine=True)
+    install_tiered_embedder(net, s, [i % s for i in range(n)])
+    total = (depth * (18 * d * d + 15 * d + 4 * d)  # qkv, proj, fc1, fc2, adaLN (weights, biases), 2 affine LNs
+             + c * p * p * d + d + 256 * d + d + d * d + d + (n + s) * d + tokens * d  # embedders, table, pos
+             + 2 * d + d * out + out + d * 2 * d + 2 * d)  # final LN, linear, adaLN
+    fine = select_trainable(net, "finediffusion")
+    per_block = 3 * d + d + 4 * d + d + 6 * d + 4 * d  # qkv, proj, fc1, fc2, adaLN biases + norm1/norm2 affine
+    expected = depth * per_block + 3 * d + (2 * d + out + 2 * d) + (n + s) * d
+    assert (fine.trainable, fine.total) == (expected, total) and expected == 1880
+    assert "blocks.0.attn.qkv.weight" not in fine.names and "blocks.1.norm2.weight" in fine.names
+    assert "pos_embed" not in fine.names and "y_embedder.embedding_table.weight" in fine.names
+    assert not any(pp.requires_grad for name, pp in net.named_parameters() if name not in fine.names)
+
+    plain = tiny_dit()  # LN without affine: BitFit = the 15 D block biases, 3 D embedder biases, final biases, table
+    bitfit = select_trainable(plain, "bitfit")
+    assert bitfit.trainable == depth * 15 * d + 3 * d + out + 2 * d + (n + 1) * d
+    difffit = select_trainable(tiny_dit(branch_scales=1), "difffit")  # γ_msa, γ_mlp in block 0 only
+    assert difffit.trainable == bitfit.trainable + 2 * d
+    assert {k for k in difffit.names if "gamma" in k} == {"blocks.0.gamma_msa", "blocks.0.gamma_mlp"}
+    full = select_trainable(plain, "full")
+    assert full.trainable == full.total - tokens * d  # everything but the fixed pos_embed
+    assert "bias" in str(fine) or "%" in str(fine)
+    with pytest.raises(ValueError, match="unknown trainable preset 'lora'"):
+        select_trainable(plain, "lora")
+
+
+def test_dit_xl2_shape_table_counts_on_meta() -> None:
+    with torch.device("meta"):
+        xl = build_dit("DiT-XL/2", num_classes=10000, norm_affine=True)
+        install_tiered_embedder(xl, 11)
+        stock = build_dit("DiT-XL/2")
+    fine = select_trainable(xl, "finediffusion")
+    assert (fine.trainable, fine.total) == (12_153_632, 685_640_480)  # spec §2.4 / test 1
+    assert round(100 * fine.share, 4) == 1.7726
+    assert fine.trainable - 10_011 * 1152 == 620_960
+    assert sum(p.numel() for p in stock.parameters()) == 675_129_632
+    biases = parameter_groups(stock)["bias"]
+    assert sum(p.numel() for k, p in stock.named_parameters() if k in biases) == 489_632  # BitFit's biases
+    # A rule by substring would also catch modules merely *named* like a norm; ours goes by module type.
+    stock.blocks[0].attn.q_norm_scale = nn.Parameter(torch.ones(4, device="meta"))
+    assert "blocks.0.attn.q_norm_scale" not in parameter_groups(stock)["norm"]
+
+
+# ---------------------------------------------------------------------------------------------- frozen tensors
+
+def test_non_selected_tensors_never_change_and_get_no_gradient() -> None:
+    model = randomize(tiny_model())
+    frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
+    trained = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    optimizer = model.configure_optimizers()
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 32, (8,), generator=gen)
+        optimizer.zero_grad()
+        model.loss((x, y))["loss"].backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        optimizer.step()
+    assert all(torch.equal(p, frozen[k]) for k, p in model.named_parameters() if k in frozen)
+    changed = [k for k, p in model.named_parameters() if k in trained and not torch.equal(p, trained[k])]
+    assert "net.y_embedder.embedding_table.weight" in changed and "net.blocks.0.norm1.weight" in changed
+    assert "net.blocks.0.attn.qkv.weight" in frozen
+
+
+# ---------------------------------------------------------------------------------------------- tiered dropout
+
+def test_tiered_dropout_swaps_about_ten_percent_to_the_superclass_row() -> None:
+    pi = [c // 8 for c in range(32)]
+    emb = TieredLabelEmbedder(32, 4, 16, pi).train()
+    torch.manual_seed(0)
+    labels = torch.randint(0, 32, (200_000,))
+    before = labels.clone()
+    out = emb.drop_labels(labels)
+    assert torch.equal(labels, before)  # never mutated in place
+    swapped = out != labels
+    assert abs(swapped.double().mean().item() - 0.1) < 0.004  # sd sqrt(.09 / 2e5) = 0.0007
+    assert torch.equal(out[swapped], 32 + torch.tensor(pi)[labels[swapped]])  # exactly N + π(y), nothing else
+    assert torch.equal(emb.eval().drop_labels(labels), labels)
+    forced = torch.tensor([1, 0, 1])
+    assert emb.drop_labels(torch.tensor([3, 9, 31]), forced).tolist() == [32, 9, 35]
+    assert emb.embedding_table.num_embeddings == 36 and emb.null_index is None
+    assert abs(emb.embedding_table.weight.std().item() - 0.02) < 0.005  # fresh N(0, 0.02²), superclass rows too
+    with pytest.raises(ValueError, match="no unconditional row"):
+        emb.drop_labels(torch.tensor([-1]))
+    # Ours: an optional ∅ row trained on a further share of labels.
+    with_null = TieredLabelEmbedder(32, 4, 16, pi, null_dropout_prob=0.05).train()
+    out = with_null.drop_labels(labels)
+    assert with_null.null_index == 36 and abs((out == 36).double().mean().item() - 0.05) < 0.003
+    assert abs(((out >= 32) & (out < 36)).double().mean().item() - 0.1) < 0.004
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+
+class HandNet(nn.Module):
+    """A denoiser whose output is known: every pixel of every channel k is (label + 1) * (k + 1) + x."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.y_embedder, self.calls = embedder, []
+
+    @property
+    def null_label(self):
+        return self.y_embedder.null_index
+
+    def forward(self, x, t, y):
+        self.calls.append(y.clone())
+        k = torch.arange(1, 7, dtype=x.dtype).view(1, 6, 1, 1)
+        return torch.cat([x, x], 1) + (y.to(x.dtype) + 1).view(-1, 1, 1, 1) * k
+
+
+def test_superclass_guidance_formula_on_a_hand_made_denoiser() -> None:
+    model = tiny_model()
+    model.net = HandNet(model.net.y_embedder)
+    y = torch.tensor([0, 9, 31])
+    sup = 32 + y // 8  # superclass tokens N + π(y)
+    x, t = torch.randn(3, 3, 8, 8), torch.zeros(3, dtype=torch.long)
+    for scale, channels in ((4.0, None), (2.5, 2)):
+        model.net.calls.clear()
+        out = model.guided_denoiser(y, scale, channels)(x, t)
+        assert len(model.net.calls) == 1 and torch.equal(model.net.calls[0], torch.cat([y, sup]))  # one pass
+        cond, anchor = HandNet.forward(model.net, x, t, y), HandNet.forward(model.net, x, t, sup)
+        k = 3 if channels is None else channels  # learned variance: only the ε channels are guided
+        assert torch.allclose(out[:, :k], anchor[:, :k] + scale * (cond[:, :k] - anchor[:, :k]))
+        assert torch.equal(out[:, k:], cond[:, k:])  # unguided channels: the subclass half's own output
+    model.net.calls.clear()
+    assert torch.equal(model.guided_denoiser(y, 1.0, None)(x, t), HandNet.forward(model.net, x, t, y))
+    assert torch.equal(model.net.calls[0], y)  # s = 1: plain subclass conditioning, no doubled batch
+    with pytest.raises(ValueError, match="plain CFG needs an unconditional"):
+        model.generate(torch.randn(3, 3, 8, 8), y, [torch.Generator()] * 3, guidance="cfg")
+    # With the optional ∅ row, plain CFG runs through the parent's path on the same model: [y; ∅].
+    cfg = tiny_model(null_dropout_prob=0.05, guidance="cfg")
+    cfg.net = HandNet(cfg.net.y_embedder)
+    cfg.guided_denoiser(y, 4.0, None)(x, t)
+    assert cfg.net.calls[0].tolist() == [0, 9, 31, -1, -1, -1]
+    images = tiny_model().sample(labels=[0, 31], seeds=[0, 1], guidance="superclass")
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------- base, hierarchy
+
+def test_loading_the_base_keeps_its_function_and_names_the_new_keys(tmp_path: Path) -> None:
+    base = randomize(build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=20, **TINY))
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    for peft in ("finediffusion", "difffit"):
+        model = tiny_model(peft=peft, checkpoint=str(tmp_path / "base.pt"))
+        model.load_weights(str(tmp_path / "base.pt"))
+        assert set(model._not_in_base) == {f"net.{k}" for k in model.net.state_dict() if k not in base.state_dict()
+                                          or k == "y_embedder.embedding_table.weight"}
+        with torch.no_grad():  # a fine row copied from a base row: LN affine (1, 0) / γ = 1 keep the function
+            model.net.y_embedder.embedding_table.weight[5] = base.y_embedder.embedding_table.weight[7]
+        x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+        assert torch.allclose(model.net.eval()(x, t, torch.tensor([5, 5])), base.eval()(x, t, torch.tensor([7, 7])),
+                              atol=1e-6)
+    broken = {k: v for k, v in base.state_dict().items() if k != "blocks.1.mlp.fc1.weight"}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(DiTCheckpointError, match="blocks.1.mlp.fc1.weight"):
+        tiny_model().load_weights(str(tmp_path / "broken.pt"))
+
+
+def test_hierarchy_errors_are_clear(shapes_zip: Path) -> None:
+    with pytest.raises(ValueError, match="class 1 has no superclass"):
+        tiny_model(num_classes=3, superclasses=[0, -1, 1])
+    with pytest.raises(ValueError, match="3 entries for 32 classes"):
+        tiny_model(superclasses=[0, 1, 2])
+    with pytest.raises(ValueError, match="only 4 superclass rows; set num_superclasses to at least 6"):
+        tiny_model(superclasses=[5] * 32)
+    with pytest.raises(ValueError, match="needs num_superclasses"):
+        tiny_model(superclasses=None, num_superclasses=None)
+    # The shapes data (20 classes, shape = superclass) against a model built with another map.
+    data = DiffusionDataModule(shapes_zip)
+    model = tiny_model(num_classes=20, resolution=16, superclasses=[c % 4 for c in range(20)])
+    with pytest.raises(DatasetError, match="inconsistent with the model's: class 1 has superclass 0 there but 1"):
+        model.set_superclasses(data.superclass_of, "the shapes data")
+    fresh = tiny_model(num_classes=20, superclasses=None)
+    fresh.set_superclasses(data.superclass_of)
+    assert fresh.embedder.class_to_super.tolist() == [c // 5 for c in range(20)]
+    with pytest.raises(ValueError, match="not set"):
+        tiny_model(superclasses=None).embedder.superclass_token(torch.tensor([0]))
+    with pytest.raises(ValueError, match="superclass guidance needs the tiered table"):
+        tiny_model(tiered=False)
+
+
+def test_inat_annotation_file_gives_classes_and_superclasses(tmp_path: Path) -> None:
+    cats = [{"id": 0, "name": "worm", "supercategory": "Animalia"}, {"id": 1, "name": "oak", "supercategory": "Plants"},
+            {"id": 2, "name": "fern", "supercategory": "Plants"}]
+    (tmp_path / "train_mini" / "x").mkdir(parents=True)
+    images = []
+    for i in range(3):
+        render = render_shapes(np.array([i]), 8, "filled", np.random.default_rng(i))[0]
+        from PIL import Image
+
+        Image.fromarray(render).save(tmp_path / "train_mini" / "x" / f"{i}.png")
+        images.append({"id": 10 + i, "file_name": f"train_mini/x/{i}.png"})
+    ann = [{"id": i, "image_id": 10 + i, "category_id": [2, 0, 1][i]} for i in range(3)]
+    path = tmp_path / "train_mini.json"
+    path.write_text(json.dumps({"images": images, "annotations": ann, "categories": cats}))
+    collection = read_inat_annotations(path)
+    # Superclasses ordered by species count (Plants: 2, Animalia: 1), as the released checkpoints' ids.
+    assert collection.classes.superclass_names == ["Plants", "Animalia"]
+    assert collection.classes.superclasses == [1, 0, 0] and collection.labels.tolist() == [2, 0, 1]
+    assert collection.load(0).size == (8, 8)
+    cats[0]["supercategory"] = ""
+    path.write_text(json.dumps({"images": images, "annotations": ann, "categories": cats}))
+    with pytest.raises(DatasetError, match="category 'worm' has no supercategory"):
+        read_inat_annotations(path)
+
+
+def test_eight_colour_shapes_extend_the_default_palette(tmp_path: Path) -> None:
+    classes = shapes_classes(8)
+    assert len(classes.class_names) == 32 and classes.superclasses == [c // 8 for c in range(32)]
+    assert classes.class_names[5] == "orange circle" and classes.class_names[8] == "red square"
+    # Class (shape, colour) draws the same image whatever the palette size, for colours both palettes have.
+    five = render_shapes(np.array([0, 6, 13]), 16, "outline", np.random.default_rng(3))  # (0,0) (1,1) (2,3)
+    eight = render_shapes(np.array([0, 9, 19]), 16, "outline", np.random.default_rng(3), colours=8)
+    assert np.array_equal(five, eight)
+    with pytest.raises(DatasetError, match="colours must be in 1..8"):
+        make_shapes(tmp_path / "x.zip", colours=9)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="module")
+def base_and_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("finediffusion")
+    make_shapes(tmp / "shapes8.zip", resolution=8, per_class=2, seed=0, colours=8)
+    base = randomize(build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=20, **TINY))
+    torch.save(base.state_dict(), tmp / "base.pt")
+    return {"tmp": tmp, "data": tmp / "shapes8.zip", "base": tmp / "base.pt"}
+
+
+def fit(model: FineDiffusion, data: Path, steps: int, folder: Path, ckpt_path: str | None = None) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, callbacks=[TrainableEMA(decay=0.5)], logger=False, limit_val_batches=0,
+                        enable_progress_bar=False, default_root_dir=folder, accelerator="cpu", devices=1,
+                        enable_model_summary=False)
+    trainer.fit(model, DiffusionDataModule(data, batch_size=16), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and_data: dict[str, Path]) -> None:
+    tmp, base = base_and_data["tmp"], base_and_data["base"]
+    model = tiny_model(checkpoint=str(base), superclasses=None)
+    trainer = fit(model, base_and_data["data"], 3, tmp / "a")
+    path = tmp / "peft.ckpt"
+    trainer.save_checkpoint(path)
+    stored = torch.load(path, weights_only=True)
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    buffers = {k for k, _ in model.named_buffers() if k in model.state_dict()}
+    assert set(stored["state_dict"]) == trained | buffers  # fresh table, LN affine, biases (+ buffers)
+    assert set(stored["ema_raw_state"]) == trained
+    info = peft_checkpoint_info(path)
+    assert info["peft"] and info["stored_parameters"] == sum(model.get_parameter(k).numel() for k in trained)
+    assert info["stored_share"] < 0.2 and info["base"] == str(base.resolve())
+
+    reloaded = FineDiffusion.load_from_checkpoint(path)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([1, 300, 600, 999]), torch.tensor([0, 7, 8, 31])
+    with torch.no_grad():
+        assert torch.equal(reloaded.net.eval()(x, t, y), model.net.eval()(x, t, y))
+    assert reloaded.embedder.class_to_super.tolist() == [c // 8 for c in range(32)]  # the map came from the data
+    # Resuming the fit restores the raw weights and keeps the base frozen.
+    resumed = tiny_model(checkpoint=str(base), superclasses=None)
+    fit(resumed, base_and_data["data"], 4, tmp / "b", ckpt_path=str(path))
+    assert torch.equal(resumed.net.blocks[1].mlp.fc1.weight, model.net.blocks[1].mlp.fc1.weight)
+
+    other = randomize(build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=20, **TINY), seed=1)
+    torch.save(other.state_dict(), tmp / "other.pt")
+    for base_file, error in ((tmp / "other.pt", "not the base this PEFT checkpoint was trained from"),
+                             (tmp / "gone.pt", "base checkpoint of this parameter-efficient checkpoint is missing")):
+        edited = torch.load(path, weights_only=True)
+        edited["peft"]["base"] = edited["hyper_parameters"]["checkpoint"] = str(base_file)
+        torch.save(edited, tmp / "edited.ckpt")
+        with pytest.raises(CheckpointError, match=error):
+            FineDiffusion.load_from_checkpoint(tmp / "edited.ckpt")
+    # The last edit records a missing base: re-attaching to a copy of the real one restores the model.
+    with torch.no_grad():
+        copied = FineDiffusion.load_with_base(tmp / "edited.ckpt", base=base).net.eval()(x, t, y)
+        assert torch.equal(copied, model.net(x, t, y))
+
+
+def test_tiny_cli_fit_and_predict(base_and_data: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"dirpath": str(tmp_path), "filename": "fd"}}])
+    common = ["--config", str(REPO / "configs/finediffusion/shapes.yaml"), *CPU, "--model.init_args.arch", "DiT-S/2",
+              "--model.init_args.arch_overrides", yaml.safe_dump(TINY), "--data.init_args.path",
+              str(base_and_data["data"]), "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *common, "--model.init_args.checkpoint", str(base_and_data["base"]), "--data.init_args.batch_size",
+          "8", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--model.init_args.val_num_images", "0",
+          "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.callbacks", ckpt])
+    assert peft_checkpoint_info(tmp_path / "fd.ckpt")["peft"]
+    main(["predict", *common, "--ckpt_path", str(tmp_path / "fd.ckpt"), "--model.init_args.checkpoint", "null",
+          "--model.init_args.sample_steps", "2", "--data.init_args.predict_seeds", "0-3",
+          "--writer.output_dir", str(tmp_path / "out"), "--trainer.callbacks", "[]"])
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4

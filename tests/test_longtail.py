@@ -1,0 +1,284 @@
+"""Long-tail methods (papers/longtail.md): CFG label drop, CBDM's regulariser, T2H's transfer, the U-Net backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_transfer.cli import build_cli
+from diffusion_transfer.diffusion.gaussian import GaussianDiffusion
+from diffusion_transfer.methods import CBDM, T2H, Diffusion, LongTailDDPM
+from diffusion_transfer.methods.longtail import (
+    cbdm_loss,
+    cbdm_regulariser,
+    gate_transfer,
+    label_drop_mask,
+    t2h_targets,
+    transfer_weights,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIT = {"arch": "DiT-S/2", "arch_overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}}
+TINY_UNET = {"arch": "ddpm-cifar10", "arch_overrides": {"model_channels": 16, "channel_mult": [1, 2],
+                                                        "num_blocks": 1, "attn_resolutions": [4]}}
+COUNTS = [40, 20, 10, 5]  # class 0 is the head, class 3 the tail
+PRIOR = torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS)
+
+
+def tiny(cls: type = LongTailDDPM, backbone: dict | None = None, **kwargs) -> Diffusion:
+    args = {**(backbone or TINY_DIT), "num_classes": 4, "resolution": 8, "channels": 3, **kwargs}
+    if cls is not Diffusion:
+        args.setdefault("class_counts", COUNTS)
+    return cls(**args)
+
+
+def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 4
+
+
+def randomise(model: Diffusion) -> None:
+    """Non-zero weights everywhere (DiT starts with a zero output, which would make every prediction equal)."""
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.normal_(0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ CFG label drop
+
+
+def test_label_drop_is_per_batch_at_rate_p() -> None:
+    torch.manual_seed(0)
+    masks = torch.stack([label_drop_mask(8, 0.1, "batch") for _ in range(4000)])
+    assert bool((masks.all(1) | ~masks.any(1)).all())  # all labels of a batch or none
+    assert 0.081 < masks[:, 0].float().mean() < 0.119  # 0.1 ± 4 standard errors
+    per_sample = torch.stack([label_drop_mask(8, 0.1, "sample") for _ in range(500)])
+    assert 0.085 < per_sample.float().mean() < 0.115 and bool((per_sample.any(1) & ~per_sample.all(1)).any())
+
+
+def test_module_passes_whole_batch_drops_to_the_net() -> None:
+    model = tiny(class_dropout_prob=0.5)
+    seen: list[torch.Tensor] = []
+    forward = model.net.forward
+    model.net.forward = lambda x, t, y, **kw: (seen.append(kw["force_drop_ids"]), forward(x, t, y, **kw))[1]
+    for seed in range(24):
+        torch.manual_seed(seed)
+        model.loss(batch(4))
+    drops = torch.stack(seen)
+    assert bool((drops.all(1) | ~drops.any(1)).all())  # never a partly dropped batch
+    assert 0 < int(drops[:, 0].sum()) < 24  # both outcomes occur (p = 0.5 here)
+
+
+# ------------------------------------------------------------------------------------------------ CBDM
+
+
+def test_cbdm_regulariser_value_and_stop_gradients_follow_the_formula() -> None:
+    torch.manual_seed(0)
+    h, h2 = torch.randn(4, 3, 2, 2, requires_grad=True), torch.randn(4, 3, 2, 2, requires_grad=True)
+    t, tau, gamma = torch.tensor([0, 250, 500, 999]), 1.5, 0.25
+    active = torch.tensor([True, True, False, True])
+    reg = cbdm_regulariser(h, h2, t, 1000, tau, gamma, active)
+    lam = tau * t.double() / 1000 * active  # λ_t = τ t / T, 0 on dropped rows
+    sq = ((h - h2).double() ** 2).mean(dim=(1, 2, 3))
+    assert reg.detach().item() == pytest.approx(float((lam * (1 + gamma) * sq).mean()), rel=1e-6)
+    reg.backward()
+    n = h.numel()
+    lam4 = lam.float().view(-1, 1, 1, 1)
+    # The first term moves only h (toward sg(h')), the commitment term only h' (weight γ).
+    torch.testing.assert_close(h.grad, 2 * lam4 * (h - h2).detach() / n)
+    torch.testing.assert_close(h2.grad, 2 * gamma * lam4 * (h2 - h).detach() / n)
+
+
+def test_cbdm_loss_is_ddpm_plus_regulariser_at_the_same_noisy_input() -> None:
+    model = tiny(CBDM)
+    randomise(model)
+    calls: list[tuple] = []
+    net = model.net
+
+    def spy(x, t, y, **kw):
+        out = net(x, t, y, **kw)
+        calls.append((x, t, y, out))
+        return out
+
+    x, y = batch(8)
+    other = (y + 1) % 4
+    torch.manual_seed(0)
+    out = cbdm_loss(spy, model.process, x, y, other, torch.zeros(8, dtype=torch.bool), tau=1.0, gamma=0.25)
+    (x1, t1, y1, h), (x2, t2, y2, h2) = calls
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(y2, other)
+    expected = (t1.double() / 1000 * 1.25 * ((h - h2).double() ** 2).mean(dim=(1, 2, 3))).mean()
+    assert out["reg"].item() == pytest.approx(expected.item(), rel=1e-5) and out["reg"].item() > 0
+    assert out["loss"].item() == pytest.approx((out["mse"] + out["reg"]).item(), rel=1e-6)
+    calls.clear()  # a dropped batch gets no regulariser (and no second pass)
+    dropped = cbdm_loss(spy, model.process, x, y, other, torch.ones(8, dtype=torch.bool))
+    assert len(calls) == 1 and dropped["reg"].item() == 0.0
+
+
+def test_cbdm_regulariser_vanishes_when_the_model_ignores_labels() -> None:
+    model = tiny(CBDM, class_dropout_prob=0.0)
+    randomise(model)
+    torch.manual_seed(1)
+    assert model.loss(batch())["reg"].item() > 0  # labels matter: the regulariser is on
+    with torch.no_grad():
+        model.net.y_embedder.embedding_table.weight.zero_()  # every label (and null) embeds to 0
+    torch.manual_seed(1)
+    assert model.loss(batch())["reg"].item() == 0.0
+
+
+@pytest.mark.parametrize("target", ["uniform", "train"])
+def test_cbdm_second_labels_follow_the_target_distribution(target: str) -> None:
+    model = tiny(CBDM, target_dist=target)
+    torch.manual_seed(0)
+    freq = torch.bincount(model.other_labels(20000), minlength=4).float() / 20000
+    expected = torch.full((4,), 0.25) if target == "uniform" else PRIOR
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ T2H
+
+
+def test_transfer_weights_equal_the_kernel_formula_on_a_hand_made_batch() -> None:
+    x0 = torch.tensor([[[[1.0, -1.0]]], [[[0.5, 0.5]]], [[[-1.0, 0.0]]]])  # [3, 1, 1, 2]
+    xt = torch.tensor([[[[0.3, -0.2]]], [[[0.1, 0.9]]], [[[-0.8, 0.4]]]])
+    abar = torch.tensor([0.5, 0.2, 0.05], dtype=torch.float64)
+    log_prior = torch.log(torch.tensor([0.6, 0.3, 0.1]))  # q(y_j) of the three rows
+    expected, expected_prior = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(3):
+        sigma2 = 1 / abar[i] - 1
+        for j in range(3):
+            d = ((xt[i].double() / abar[i].sqrt() - x0[j].double()) ** 2).sum()
+            expected[i, j] = torch.exp(-d / (2 * sigma2))
+            expected_prior[i, j] = expected[i, j] * log_prior[j].exp().double() ** 2
+    expected /= expected.sum(1, keepdim=True)
+    expected_prior /= expected_prior.sum(1, keepdim=True)
+    w = transfer_weights(xt, x0, abar)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(transfer_weights(xt, x0, abar, 2 * log_prior).double(), expected_prior,
+                               atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # distances stay float32 under autocast
+        torch.testing.assert_close(transfer_weights(xt, x0, abar).double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["t2h", "h2t"])
+def test_t2h_never_moves_toward_a_rarer_class_nor_outside_its_timestep_gate(mode: str) -> None:
+    process = GaussianDiffusion()
+    torch.manual_seed(0)
+    x0, y = batch(32)
+    moved_rows = 0
+    for _ in range(20):
+        t = torch.randint(800, 1000, (32,))  # where the kernel is wide and moves are frequent
+        _, _, z = t2h_targets(process, x0, y, PRIOR, t, torch.randn_like(x0), mode, cut_time=900)
+        moved = z != torch.arange(32)
+        src, own = PRIOR[y[z]], PRIOR[y]
+        assert bool((src >= own).all()) if mode == "t2h" else bool((src <= own).all())
+        assert not bool(moved[t >= 900].any())  # the timestep gate
+        moved_rows += int(moved.sum())
+    assert moved_rows > 100  # the gate lets moves through where allowed
+    _, _, z = t2h_targets(process, x0, y, PRIOR, torch.full((32,), 999), torch.randn_like(x0), "full")
+    assert bool((PRIOR[y[z]] < PRIOR[y]).any()) and bool((PRIOR[y[z]] > PRIOR[y]).any())  # ungated goes both ways
+
+
+def test_t2h_retarget_keeps_x_t_and_is_the_identity_where_nothing_moves() -> None:
+    process = GaussianDiffusion()
+    torch.manual_seed(0)
+    x0, y = batch(16)
+    t, noise = torch.randint(0, 1000, (16,)), torch.randn(16, 3, 8, 8)
+    x0_z, eps, z = t2h_targets(process, x0, y, PRIOR, t, noise, "full")
+    torch.testing.assert_close(process.q_sample(x0_z, t, eps), process.q_sample(x0, t, noise), atol=1e-5, rtol=1e-5)
+    same = z == torch.arange(16)
+    assert torch.equal(eps[same], noise[same]) and torch.equal(x0_z[same], x0[same])
+    assert torch.equal(gate_transfer(torch.arange(16).flip(0), y, PRIOR, t, "t2h", cut_time=0), torch.arange(16))
+
+
+@pytest.mark.parametrize("backbone", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
+def test_t2h_with_its_gate_closed_equals_the_ddpm_loss(backbone: dict) -> None:
+    ddpm, t2h = tiny(LongTailDDPM, backbone), tiny(T2H, backbone, cut_time=0)
+    randomise(ddpm)
+    t2h.load_state_dict(ddpm.state_dict())
+    ddpm.eval(), t2h.eval()  # U-Net dropout off: both passes see the same net
+    for seed in range(2):
+        torch.manual_seed(seed)
+        expected = ddpm.loss(batch(seed=seed))
+        torch.manual_seed(seed)
+        got = t2h.loss(batch(seed=seed))
+        assert torch.equal(got["loss"], expected["loss"]) and got["transfer_rate"].item() == 0.0
+
+
+def test_long_tail_methods_need_class_counts_and_valid_flags() -> None:
+    with pytest.raises(ValueError, match="class_counts"):
+        tiny(T2H, class_counts=None).loss(batch())
+    with pytest.raises(ValueError, match="transfer_mode: full"):
+        tiny(T2H, prior_power=1.0)
+    with pytest.raises(ValueError, match="target_dist"):
+        tiny(CBDM, target_dist="balanced")
+
+
+# ------------------------------------------------------------------------------------------------ U-Net backbone
+
+
+def test_diffusion_on_the_unet_backbone_trains_samples_and_guides_with_the_skipped_label(tmp_path: Path) -> None:
+    model = tiny(Diffusion, TINY_UNET, learn_sigma=False, class_dropout_prob=0.1)
+    net, x, y = model.net, *batch(8)
+    t = torch.randint(0, 1000, (8,))
+    model.eval()  # no dropout, no random label drop
+    with torch.no_grad():  # outputs of a visible size (the output conv starts at gain 1e-5)
+        net.unet.map_label.weight.normal_()
+        net.unet.out_conv.weight.normal_(0, 0.1)
+        # The null label is the U-Net without its label embedding (no null row), also via force_drop_ids.
+        bare = net.unet(x, t.float(), None)
+        torch.testing.assert_close(net(x, t, torch.full_like(y, -1)), bare)
+        torch.testing.assert_close(net(x, t, y, force_drop_ids=torch.ones(8, dtype=torch.bool)), bare)
+        assert not torch.allclose(net(x, t, y), bare)
+    cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, -1))
+    guided = model.guided_denoiser(y, 2.5, None)(x, t)  # w = 1.5: 2.5 c - 1.5 u
+    torch.testing.assert_close(guided, 2.5 * cond - 1.5 * uncond, atol=1e-5, rtol=1e-5)
+    model.train()
+
+    def eval_loss() -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(model.loss((x, y))["loss"].item() for _ in range(3))
+
+    before = eval_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(20):
+        torch.manual_seed(step)
+        optimizer.zero_grad()
+        model.loss((x, y))["loss"].backward()
+        optimizer.step()
+    assert eval_loss() < before
+    images = model.sample(seeds=[3, 4], labels=[1, 2], steps=4, guidance_scale=2.5)
+    assert images.shape == (2, 3, 8, 8) and bool(images.isfinite().all())
+    torch.testing.assert_close(model.sample(seeds=[4], labels=[2], steps=4, guidance_scale=2.5), images[1:],
+                               atol=1e-3, rtol=1e-3)  # per-seed noise; only the batch's float rounding differs
+    # Our own .ckpt (keys net.unet.*) and a bare U-Net state dict both load back strictly.
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.net.state_dict().items()}}, tmp_path / "m.ckpt")
+    torch.save(model.net.unet.state_dict(), tmp_path / "unet.pt")
+    model.eval()
+    for name in ("m.ckpt", "unet.pt"):
+        other = tiny(Diffusion, TINY_UNET, learn_sigma=False).eval()
+        other.load_weights(str(tmp_path / name))
+        torch.testing.assert_close(other.net(x, t, y), model.net(x, t, y))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.mark.parametrize("config,arch", [("t2h_shapes.yaml", '{hidden_size: 32, depth: 2, num_heads: 2}'),
+                                         ("cbdm_cifar10lt.yaml", "{model_channels: 16, num_blocks: 1}")])
+def test_tiny_cli_fit_reads_the_long_tailed_class_counts(config: str, arch: str, shapes_zip: Path,
+                                                         tmp_path: Path) -> None:
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "longtail" / config),
+                     "--model.init_args.checkpoint", "null", "--model.init_args.arch_overrides", arch,
+                     "--model.init_args.val_num_images", "0", "--data.init_args.path", str(shapes_zip),
+                     "--data.init_args.longtail_imbalance", "0.25", "--data.init_args.batch_size", "8",
+                     "--data.init_args.num_workers", "0", "--metrics.feature_network", "null",
+                     "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                     "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+                     "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path)])
+    counts = cli.datamodule.class_counts
+    assert counts[0] == 8 and counts[-1] == 2 and cli.model.class_counts == counts
+    assert cli.trainer.global_step == 2
