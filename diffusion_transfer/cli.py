@@ -27,6 +27,7 @@ from . import methods  # noqa: F401
 from .callbacks import GenerativeEvaluation, ImageWriter, TrainableEMA
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
+from .errors import ConfigError
 from .io.checkpoint import CheckpointError
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 
@@ -103,7 +104,7 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.exit(2)
 
 
-_EXPECTED = (DatasetError, CheckpointError, MetricError, FileNotFoundError, FloatingPointError)
+_EXPECTED = (ConfigError, DatasetError, CheckpointError, MetricError, FileNotFoundError, FloatingPointError)
 
 
 def _expected_error(err: BaseException | None) -> BaseException | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from diffusion_transfer import DiffTuning, Diffusion
 from diffusion_transfer.cli import main
 from diffusion_transfer.data import DatasetError, ZipImageDataset, make_shapes
 from diffusion_transfer.data.replay import ReplayBank
+from diffusion_transfer.errors import ConfigError
 from diffusion_transfer.io.dit_checkpoint import DiTCheckpointError
 from diffusion_transfer.methods.difftuning import difftuning_loss, replay_share, timestep_law
 from diffusion_transfer.nets import build_dit
@@ -195,10 +197,47 @@ def test_trainable_selection() -> None:
     assert {n for n, p in tiny().net.named_parameters() if not p.requires_grad} == {"pos_embed"}
     assert [n for n, p in tiny(trainable=["final_layer.*"]).net.named_parameters() if p.requires_grad] == [
         n for n, _ in model.net.final_layer.named_parameters(prefix="final_layer")]
-    with pytest.raises(ValueError, match="unknown trainable preset"):
+    with pytest.raises(ConfigError, match="unknown trainable preset"):
         tiny(trainable="lora")
-    with pytest.raises(ValueError, match="selects no parameter"):
+    with pytest.raises(ConfigError, match="selects no parameter"):
         tiny(trainable=["nothing.*"])
+
+
+def test_peft_presets_build_their_tensors_and_load_the_official_layout(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    pre = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=20, **TINY)  # no LN affine, no γ
+    with torch.no_grad():  # random weights everywhere: adaLN-zero would make every output 0
+        for name, p in pre.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.2)
+    torch.save(pre.state_dict(), tmp_path / "pre.pt")
+    d, depth = TINY["hidden_size"], TINY["depth"]
+    bitfit = tiny(trainable="bitfit").selection.trainable
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 999]), torch.tensor([0, 7, 19])
+    # bias_norm adds the two LN affines of each block and the final LN; difffit γ_msa and γ_mlp per block.
+    for trainable, extra, depth_kw in (("bias_norm", depth * 4 * d + 2 * d, {}), ("difffit", depth * 2 * d, {}),
+                                       ("difffit", 2 * d, {"difffit_depth": 1})):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            model = tiny(trainable=trainable, **depth_kw)
+        sel = model.selection
+        assert sel.trainable == bitfit + extra
+        assert (f"DiffTuning trainable={trainable}: trainable parameters: {sel.trainable:,} of {sel.total:,} "
+                f"({100 * sel.trainable / sel.total:.4f}%)") in caplog.text
+        model.load_weights(str(tmp_path / "pre.pt"))  # the new tensors may be absent; nothing else may
+        with torch.no_grad():  # identity init: the function is the pre-trained one
+            assert torch.allclose(model.net.eval()(x, t, y), pre.eval()(x, t, y), atol=1e-5)
+    assert {n for n in model.selection.names if "gamma" in n} == {"blocks.0.gamma_msa", "blocks.0.gamma_mlp"}
+    broken = {k: v for k, v in pre.state_dict().items() if k != "blocks.1.attn.proj.weight"}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(DiTCheckpointError, match="blocks.1.attn.proj.weight"):
+        tiny(trainable="difffit").load_weights(str(tmp_path / "broken.pt"))
+    # A preset whose own tensors are switched off would silently train BitFit's: refused.
+    with pytest.raises(ConfigError, match="'bias_norm' trains LayerNorm affine"):
+        tiny(trainable="bias_norm", arch_overrides={**TINY, "norm_affine": False})
+    with pytest.raises(ConfigError, match="'difffit' trains DiffFit branch scales"):
+        tiny(trainable="difffit", difffit_depth=0)
 
 
 # ---------------------------------------------------------------------------------------------- bank and CLI
@@ -227,6 +266,10 @@ def _fit(setup: dict[str, Path], *extra: str) -> None:
 
 def test_shapes_config_fits_from_the_pretrained_model(setup: dict[str, Path]) -> None:
     _fit(setup)  # 8 target + 2 replay rows per step, from the bank that bank.yaml wrote
+
+
+def test_finediffusion_selection_fits_from_a_checkpoint_without_ln_affine(setup: dict[str, Path]) -> None:
+    _fit(setup, "--model.init_args.trainable", "bias_norm")  # pre.ckpt has no LN affine: they start at (1, 0)
 
 
 @pytest.mark.parametrize("case", ["missing bank", "bank size", "labels", "ratio"])

@@ -4,6 +4,8 @@ hierarchy errors, DiffFit γ, iNat annotations, 8-colour shapes and a tiny CLI f
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -14,13 +16,15 @@ import yaml
 from torch import nn
 
 from diffusion_transfer import DiffusionDataModule, FineDiffusion, TrainableEMA
-from diffusion_transfer.cli import main
+from diffusion_transfer.cli import build_cli, main
 from diffusion_transfer.data import DatasetError, make_shapes
+from diffusion_transfer.data.archive import ImageCollection
 from diffusion_transfer.data.shapes import render_shapes, shapes_classes
 from diffusion_transfer.data.sources import read_inat_annotations
+from diffusion_transfer.errors import ConfigError
 from diffusion_transfer.io.checkpoint import CheckpointError
 from diffusion_transfer.io.dit_checkpoint import DiTCheckpointError
-from diffusion_transfer.io.peft_checkpoint import peft_checkpoint_info
+from diffusion_transfer.io.peft_checkpoint import checkpoint_bytes, peft_checkpoint_info
 from diffusion_transfer.nets import build_dit
 from diffusion_transfer.nets.class_embedder import TieredLabelEmbedder, install_tiered_embedder
 from diffusion_transfer.nets.dit import DiT
@@ -53,7 +57,7 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- selection rule
 
-def test_selection_counts_on_a_small_dit_by_hand() -> None:
+def test_selection_counts_on_a_small_dit_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
     d, depth, c, p, n, s, tokens = 32, 2, 3, 2, 10, 3, 16  # 8x8 input, patch 2 -> 16 tokens
     out = p * p * 2 * c  # learned sigma: 2C channels per pixel of a patch
     net = tiny_dit(norm_affine=True)
@@ -77,9 +81,28 @@ def test_selection_counts_on_a_small_dit_by_hand() -> None:
     assert {k for k in difffit.names if "gamma" in k} == {"blocks.0.gamma_msa", "blocks.0.gamma_mlp"}
     full = select_trainable(plain, "full")
     assert full.trainable == full.total - tokens * d  # everything but the fixed pos_embed
-    assert "bias" in str(fine) or "%" in str(fine)
-    with pytest.raises(ValueError, match="unknown trainable preset 'lora'"):
+    share = f"{100 * expected / total:.4f}%"  # 1,880 of 4,864 + (10 + 3) * 32 + ...: computed, not read back
+    assert str(fine) == f"trainable parameters: 1,880 of {total:,} ({share})"
+    select_trainable(net, "finediffusion", verbose=True)
+    assert capsys.readouterr().out.strip() == f"finediffusion: trainable parameters: 1,880 of {total:,} ({share})"
+    with pytest.raises(ConfigError, match="unknown trainable preset 'lora'"):
         select_trainable(plain, "lora")
+    # A preset whose defining group is empty would silently be BitFit: refused.
+    with pytest.raises(ConfigError, match="'bias_norm' trains LayerNorm affine.*exactly BitFit's tensors"):
+        select_trainable(plain, "bias_norm")
+    with pytest.raises(ConfigError, match="'difffit' trains DiffFit branch scales"):
+        select_trainable(plain, "difffit")
+
+
+def test_the_method_logs_its_selection(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        model = tiny_model()
+    trainable = sum(p.numel() for p in model.net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.net.parameters())
+    expected = f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
+    assert f"FineDiffusion peft=finediffusion: {expected}" in caplog.text
+    # biases + LN affine + the 36-row table of a 2-block, width-32 DiT with 8x8 inputs, by hand
+    assert trainable == 2 * 19 * 32 + 3 * 32 + (2 * 32 + 24 + 2 * 32) + 36 * 32
 
 
 def test_dit_xl2_shape_table_counts_on_meta() -> None:
@@ -239,6 +262,87 @@ def test_hierarchy_errors_are_clear(shapes_zip: Path) -> None:
         tiny_model(tiered=False)
 
 
+class OnAccelerator(torch.Tensor):
+    """A CPU tensor that reports a CUDA device: code that checks only CPU tensors skips it."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+
+def test_an_unset_superclass_map_is_caught_on_any_device() -> None:
+    emb = TieredLabelEmbedder(8, 2, 4)  # map unset: every entry -1, which would index token N - 1 = 7
+    labels = torch.tensor([0, 3, 7]).as_subclass(OnAccelerator)
+    assert labels.device.type == "cuda"
+    with pytest.raises(ValueError, match=r"map is not set \(class 0 has none\)"):
+        emb.superclass_token(labels)
+    emb.class_to_super[:5] = torch.tensor([0, 1, 0, 1, 1])  # classes 5..7 still unset
+    with pytest.raises(ValueError, match=r"class 7 has none"):
+        emb.superclass_token(torch.tensor([1, 7]).as_subclass(OnAccelerator))
+    with pytest.raises(ValueError, match="class labels 0..7, got -1..8"):
+        emb.superclass_token(torch.tensor([-1, 8]).as_subclass(OnAccelerator))
+    emb.set_superclasses([0, 1, 0, 1, 1, 0, 0, 1])
+    assert emb.superclass_token(labels).tolist() == [8, 9, 9]  # N + π(y)
+
+
+def _with_metadata(source: Path, dest: Path, **changes) -> Path:
+    """A copy of the dataset zip ``source`` whose dataset.json has ``changes``."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "dataset.json":
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            zout.writestr(item, data)
+    return dest
+
+
+def test_hierarchy_errors_from_dataset_json_name_the_class(shapes_zip: Path, tmp_path: Path) -> None:
+    meta = json.loads(zipfile.ZipFile(shapes_zip).read("dataset.json"))
+    sup, names = meta["superclasses"], meta["class_names"]
+    assert len(sup) == len(names) == 20
+    short = _with_metadata(shapes_zip, tmp_path / "short.zip", superclasses=sup[:-1])
+    with pytest.raises(DatasetError, match="superclasses has 19 entries for 20 classes"):
+        ImageCollection.open(short)
+    unset = _with_metadata(shapes_zip, tmp_path / "unset.zip", superclasses=[*sup[:3], -1, *sup[4:]])
+    with pytest.raises(DatasetError, match=rf"class 3 \('{names[3]}'\) has superclass -1; superclass indices are "
+                                           rf"0..{len(meta['superclass_names']) - 1}"):
+        ImageCollection.open(unset)
+    beyond = _with_metadata(shapes_zip, tmp_path / "beyond.zip", superclasses=[*sup[:-1], 9])
+    with pytest.raises(DatasetError, match=rf"class 19 \('{names[19]}'\) has superclass 9"):
+        ImageCollection.open(beyond)
+
+
+def test_a_non_dit_backbone_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="FineDiffusion fine-tunes a DiT.*'ddpm-cifar10' is not one"):
+        FineDiffusion(arch="ddpm-cifar10", num_classes=10, resolution=32, num_superclasses=2)
+    with pytest.raises(ConfigError, match="'finediffusion' trains LayerNorm affine"):
+        tiny_model(arch_overrides={**TINY, "norm_affine": False})
+    with pytest.raises(ConfigError, match="'difffit' trains DiffFit branch scales"):
+        tiny_model(peft="difffit", difffit_depth=0)
+
+
+def test_difffit_trains_at_ten_times_the_learning_rate_unless_an_optimizer_is_given() -> None:
+    def lr(model: FineDiffusion) -> float:
+        return model.configure_optimizers().param_groups[0]["lr"]
+
+    assert lr(tiny_model(peft="difffit")) == 1e-3  # spec §6 / test 7: 10x DiT's 1e-4
+    assert lr(tiny_model()) == lr(tiny_model(peft="bitfit")) == lr(tiny_model(peft="full")) == 1e-4
+    given = tiny_model(peft="difffit", optimizer=lambda params: torch.optim.AdamW(params, lr=5e-4))
+    assert lr(given) == 5e-4
+
+
+def test_a_config_without_optimizer_gets_the_preset_lr(base_and_data: dict[str, Path], tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "configs/finediffusion/shapes.yaml").read_text())
+    del config["model"]["init_args"]["optimizer"]  # as configs/finediffusion/inat21_dit_xl2.yaml
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "config.yaml"), *CPU, "--model.init_args.arch", "DiT-S/2",
+              "--model.init_args.arch_overrides", yaml.safe_dump(TINY), "--data.init_args.path",
+              str(base_and_data["data"]), "--trainer.default_root_dir", str(tmp_path)]
+    for peft, lr in (("finediffusion", 1e-4), ("difffit", 1e-3)):
+        cli = build_cli([*common, "--model.init_args.peft", peft], run=False)
+        assert cli.model.configure_optimizers().param_groups[0]["lr"] == lr
+
+
 def test_inat_annotation_file_gives_classes_and_superclasses(tmp_path: Path) -> None:
     cats = [{"id": 0, "name": "worm", "supercategory": "Animalia"}, {"id": 1, "name": "oak", "supercategory": "Plants"},
             {"id": 2, "name": "fern", "supercategory": "Plants"}]
@@ -295,20 +399,35 @@ def fit(model: FineDiffusion, data: Path, steps: int, folder: Path, ckpt_path: s
     return trainer
 
 
-def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and_data: dict[str, Path]) -> None:
+def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and_data: dict[str, Path],
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     tmp, base = base_and_data["tmp"], base_and_data["base"]
     model = tiny_model(checkpoint=str(base), superclasses=None)
     trainer = fit(model, base_and_data["data"], 3, tmp / "a")
     path = tmp / "peft.ckpt"
-    trainer.save_checkpoint(path)
+    with caplog.at_level(logging.INFO):
+        trainer.save_checkpoint(path)
     stored = torch.load(path, weights_only=True)
     trained = {k for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k for k, _ in model.named_buffers() if k in model.state_dict()}
     assert set(stored["state_dict"]) == trained | buffers  # fresh table, LN affine, biases (+ buffers)
     assert set(stored["ema_raw_state"]) == trained
     info = peft_checkpoint_info(path)
-    assert info["peft"] and info["stored_parameters"] == sum(model.get_parameter(k).numel() for k in trained)
+    numel = sum(model.get_parameter(k).numel() for k in trained)
+    assert info["peft"] and info["stored_parameters"] == numel
     assert info["stored_share"] < 0.2 and info["base"] == str(base.resolve())
+    # Sizes: the weights are 4 bytes per trained element (+ the int64 map); the file also holds AdamW's two
+    # moments and one step scalar per tensor, the EMA's raw weights (4x the weights, not 1x) and the
+    # ModelCheckpoint's kth_value scalar.
+    weights = 4 * numel + 8 * 32
+    whole = weights + 4 * numel * 3 + 4 * len(trained) + 4
+    assert checkpoint_bytes(stored["state_dict"]) == weights and checkpoint_bytes(stored) == whole
+    assert whole <= info["bytes"] < whole + 64 * 1024  # the rest: pickle and zip headers
+    assert f"({weights:,} bytes) of weights; with the optimizer and EMA state the file holds " in caplog.text
+    assert f"({whole:,} bytes) of tensors" in caplog.text
+    # Passing this file as the base (instead of --ckpt_path) says what to do, not "N missing keys".
+    with pytest.raises(DiTCheckpointError, match=r"is a parameter-efficient checkpoint.*--ckpt_path.*load_with_base"):
+        tiny_model().load_weights(str(path))
 
     reloaded = FineDiffusion.load_from_checkpoint(path)
     x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([1, 300, 600, 999]), torch.tensor([0, 7, 8, 31])
@@ -319,6 +438,10 @@ def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and
     resumed = tiny_model(checkpoint=str(base), superclasses=None)
     fit(resumed, base_and_data["data"], 4, tmp / "b", ckpt_path=str(path))
     assert torch.equal(resumed.net.blocks[1].mlp.fc1.weight, model.net.blocks[1].mlp.fc1.weight)
+    # checkpoint null: the base comes from the checkpoint's record, so the no-base check must not refuse it.
+    unconfigured = tiny_model(superclasses=None)
+    fit(unconfigured, base_and_data["data"], 4, tmp / "c", ckpt_path=str(path))
+    assert torch.equal(unconfigured.net.blocks[1].mlp.fc1.weight, model.net.blocks[1].mlp.fc1.weight)
 
     other = randomize(build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=20, **TINY), seed=1)
     torch.save(other.state_dict(), tmp / "other.pt")
@@ -333,6 +456,48 @@ def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and
     with torch.no_grad():
         copied = FineDiffusion.load_with_base(tmp / "edited.ckpt", base=base).net.eval()(x, t, y)
         assert torch.equal(copied, model.net(x, t, y))
+
+
+def test_a_peft_fit_without_base_fails_before_its_first_step(base_and_data: dict[str, Path]) -> None:
+    model = tiny_model(superclasses=None)  # frozen tensors, so its checkpoints would refer to a base
+    with pytest.raises(CheckpointError, match="refers to its base weights, but this run has no base checkpoint"):
+        fit(model, base_and_data["data"], 3, base_and_data["tmp"] / "nobase")
+    assert model.trainer.global_step == 0
+    full = tiny_model(peft="full", superclasses=None)  # stores everything: no base needed
+    assert fit(full, base_and_data["data"], 1, base_and_data["tmp"] / "full").global_step == 1
+
+
+def test_a_finediffusion_base_keeps_its_tiered_table_but_never_its_map(tmp_path: Path) -> None:
+    donor = randomize(tiny_model())  # π(c) = c // 8
+    torch.save(donor.net.state_dict(), tmp_path / "donor.pt")
+    model = tiny_model(superclasses=[c % 4 for c in range(32)])
+    model.load_weights(str(tmp_path / "donor.pt"))
+    assert torch.equal(model.net.y_embedder.embedding_table.weight, donor.net.y_embedder.embedding_table.weight)
+    assert torch.equal(model.net.blocks[0].norm1.weight, donor.net.blocks[0].norm1.weight)
+    assert model.embedder.class_to_super.tolist() == [c % 4 for c in range(32)]  # the model's own map
+    assert model._not_in_base == ["net.y_embedder.class_to_super"]
+    # Another table shape (5 superclasses: 37 rows, not 36): fresh rows, the rest loaded.
+    other = tiny_model(num_superclasses=5)
+    fresh = other.net.y_embedder.embedding_table.weight.detach().clone()
+    other.load_weights(str(tmp_path / "donor.pt"))
+    assert torch.equal(other.net.y_embedder.embedding_table.weight, fresh)
+    assert torch.equal(other.net.blocks[1].attn.qkv.weight, donor.net.blocks[1].attn.qkv.weight)
+    # A flat baseline's table is always fresh (the paper's rule), even when a DiT's table has its shape.
+    dit = randomize(build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=32, **TINY))
+    torch.save(dit.state_dict(), tmp_path / "dit32.pt")
+    flat = tiny_model(tiered=False, guidance="cfg", peft="bitfit")
+    fresh = flat.net.y_embedder.embedding_table.weight.detach().clone()
+    assert fresh.shape == dit.y_embedder.embedding_table.weight.shape
+    flat.load_weights(str(tmp_path / "dit32.pt"))
+    assert torch.equal(flat.net.y_embedder.embedding_table.weight, fresh)
+
+
+def test_a_base_of_another_width_names_the_mismatch(tmp_path: Path) -> None:
+    wide = build_dit("DiT-S/2", input_size=8, in_channels=3, num_classes=20, hidden_size=48, depth=2, num_heads=2)
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)x_embedder\.proj\.weight: file \(48, 3, 2, 2\) vs model "
+                                              r"\(32, 3, 2, 2\).*the file looks like: .*hidden_size=48"):
+        tiny_model().load_weights(str(tmp_path / "wide.pt"))
 
 
 def test_tiny_cli_fit_and_predict(base_and_data: dict[str, Path], tmp_path: Path) -> None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from diffusion_transfer.cli import build_cli
 from diffusion_transfer.diffusion.gaussian import GaussianDiffusion
-from diffusion_transfer.methods import CBDM, T2H, Diffusion, LongTailDDPM
+from diffusion_transfer.errors import ConfigError
+from diffusion_transfer.methods import CBDM, T2H, Diffusion, LongTailDDPM, longtail
 from diffusion_transfer.methods.longtail import (
     cbdm_loss,
     cbdm_regulariser,
     gate_transfer,
     label_drop_mask,
+    t2h_loss,
     t2h_targets,
     transfer_weights,
 )
@@ -193,6 +196,143 @@ def test_t2h_retarget_keeps_x_t_and_is_the_identity_where_nothing_moves() -> Non
     assert torch.equal(gate_transfer(torch.arange(16).flip(0), y, PRIOR, t, "t2h", cut_time=0), torch.arange(16))
 
 
+def zero_net(calls: list) -> object:
+    """A net predicting ε = 0 that records what it is given."""
+    def net(x, t, y, **kw):
+        calls.append((x, t, y, kw))
+        return torch.zeros_like(x)
+    return net
+
+
+def test_t2h_loss_at_t999_swaps_and_regresses_onto_the_transferred_noise() -> None:
+    process = GaussianDiffusion()  # fixed variance: loss = mse
+    torch.manual_seed(0)
+    x0, y = batch(16)
+    t, noise = torch.full((16,), 999), torch.randn(16, 3, 8, 8)
+    calls: list = []
+    out = t2h_loss(zero_net(calls), process, x0, y, PRIOR, None, "full", t=t, noise=noise)
+    z = out["z"]
+    assert (z != torch.arange(16)).float().mean().item() > 0.8  # the kernel is flat: nearly every row moves
+    assert out["transfer_rate"].item() == (z != torch.arange(16)).float().mean().item()
+    ((x_in, t_in, y_in, kw),) = calls
+    # The transfer leaves x_t alone (only the target changes): the net sees q_sample(x0, t, ε) ...
+    torch.testing.assert_close(x_in, process.q_sample(x0, t, noise), atol=1e-6, rtol=0)
+    assert (x_in - process.q_sample(x0[z], t, noise)).abs().max() > 1e-3  # ... not x_t of the source image
+    assert torch.equal(t_in, t) and torch.equal(y_in, y) and "force_drop_ids" not in kw
+    # ... and regresses onto ε̃ = ε + √(ᾱ/(1-ᾱ)) (x0_i − x0_z), so the loss of ε̂ = 0 is mean ε̃².
+    abar = process.alphas_cumprod[999]
+    eps_tilde = noise.double() + (abar / (1 - abar)).sqrt() * (x0 - x0[z]).double()
+    torch.testing.assert_close(out["eps_tilde"].double(), eps_tilde, atol=1e-6, rtol=0)
+    expected = (eps_tilde**2).mean().item()
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert abs(expected - (noise.double() ** 2).mean().item()) > 1e-3  # plain ε would fail the line above
+
+
+def cifar_like(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.arange(n) % 4
+
+
+def test_transfer_rate_is_zero_at_low_noise_and_one_minus_one_over_b_at_t999() -> None:
+    # Spec 8.6, mode full: for ‖Δ‖² ≈ 2000 the logit gap at t ≤ 500 is ≳ 80 (no move); at t = 999, σ² ≈ 24800
+    # and W is nearly uniform, so a row keeps itself with probability ≈ 1/B.
+    process, b = GaussianDiffusion(), 64
+    torch.manual_seed(0)
+    low_swaps = low_samples = high_swaps = high_samples = 0
+    for seed in range(8):
+        x0, y = cifar_like(b, seed)
+        low = t2h_loss(zero_net([]), process, x0, y, PRIOR, None, "full", t=torch.randint(0, 501, (b,)))
+        high = t2h_loss(zero_net([]), process, x0, y, PRIOR, None, "full", t=torch.full((b,), 999))
+        assert int(low["transfer_samples"][6:].sum()) == 0 and int(high["transfer_samples"][9]) == b
+        low_swaps += int(low["transfer_swaps"].sum())
+        low_samples += int(low["transfer_samples"].sum())
+        high_swaps += int(high["transfer_swaps"][9])
+        high_samples += int(high["transfer_samples"][9])
+    assert low_samples == high_samples == 8 * b
+    assert low_swaps / low_samples < 0.005
+    assert abs(high_swaps / high_samples - (1 - 1 / b)) < 0.02  # 512 rows: the standard error is ≈ 0.006
+
+
+def test_transfer_histogram_counts_swaps_and_samples_per_tenth_of_t() -> None:
+    process = GaussianDiffusion()
+    torch.manual_seed(3)
+    x0, y = batch(64)
+    t = torch.randint(0, 1000, (64,))
+    out = t2h_loss(zero_net([]), process, x0, y, PRIOR, None, "full", t=t)
+    moved = out["z"] != torch.arange(64)
+    for k in range(10):
+        rows = (t >= 100 * k) & (t <= 100 * k + 99)
+        assert int(out["transfer_samples"][k]) == int(rows.sum())
+        assert int(out["transfer_swaps"][k]) == int((rows & moved).sum())
+    assert int(out["transfer_swaps"].sum()) > 0 and int(out["transfer_samples"].sum()) == 64
+    assert longtail.transfer_bucket_names(1000)[::9] == ["t0-99", "t900-999"]
+
+
+def test_t2h_logs_the_per_t_transfer_rate_pooled_over_steps_when_the_logger_writes(monkeypatch) -> None:
+    model = tiny(T2H, transfer_mode="full", class_dropout_prob=0.0)
+    randomise(model)
+    results: list[dict] = []
+    original = longtail.t2h_loss
+    monkeypatch.setattr(longtail, "t2h_loss", lambda *a, **kw: results.append(original(*a, **kw)) or results[-1])
+    logged: dict[str, float] = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    writes = [False]
+    model._writes_logs_now = lambda: writes[0]
+    model.train()
+    model.training_step(batch(32, seed=1), 0)
+    assert not [k for k in logged if k.startswith("train/transfer_rate_t")]  # not a logging step: counted only
+    writes[0] = True
+    model.training_step(batch(32, seed=2), 1)
+    swaps = sum(r["transfer_swaps"] for r in results).double()
+    samples = sum(r["transfer_samples"] for r in results).double()
+    expected = {f"train/transfer_rate_t{100 * k}-{100 * k + 99}": (swaps[k] / samples[k]).item()
+                for k in range(10) if samples[k] > 0}
+    got = {k: v for k, v in logged.items() if k.startswith("train/transfer_rate_t")}
+    assert len(results) == 2 and got.keys() == expected.keys() and len(got) >= 5
+    assert got == pytest.approx(expected)
+    assert max(got.values()) > 0 and model._transfer_counts is None  # reset after the write
+    assert "train/transfer_rate" in logged and "train/z" not in logged  # only scalars reach log_dict
+    model.eval()
+    model.loss(batch(8))  # validation losses are not counted
+    assert model._transfer_counts is None
+
+
+@pytest.mark.parametrize("backbone", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
+def test_unconditional_t2h_never_shows_the_net_a_class_label(backbone: dict) -> None:
+    seen: list[torch.Tensor] = []
+
+    def labels_seen(model: Diffusion) -> None:
+        # What the label embedding receives: DiT table indices (null = num_classes), U-Net one-hots.
+        layer = model.net.unet.map_label if hasattr(model.net, "unet") else model.net.y_embedder.embedding_table
+        layer.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+
+    def is_null(x: torch.Tensor) -> bool:
+        return bool((x == 0).all()) if x.is_floating_point() else bool((x == 4).all())
+
+    for conditional in (True, False):
+        model = tiny(T2H, backbone, conditional=conditional, class_dropout_prob=0.1, transfer_mode="t2h")
+        randomise(model)
+        labels_seen(model)
+        seen.clear()
+        model.train()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            model.loss(batch(8))
+        model.sample(seeds=[0, 1], labels=[1, 2], steps=2, guidance_scale=2.5)
+        assert seen and all(is_null(x) for x in seen) == (not conditional)
+    # The gate still reads the labels: t2h moves only toward classes at least as frequent.
+    calls: list = []
+    x0, y = batch(32)
+    out = t2h_loss(zero_net(calls), GaussianDiffusion(), x0, y, PRIOR, None, "t2h", conditional=False,
+                   t=torch.full((32,), 999))
+    moved = out["z"] != torch.arange(32)
+    assert bool(moved.any()) and bool((PRIOR[y[out["z"]]] >= PRIOR[y]).all())
+    ((_, _, y_in, kw),) = calls
+    assert bool((y_in == -1).all()) and bool(kw["force_drop_ids"].all())
+    with pytest.raises(ConfigError, match="null row"):
+        tiny(T2H, conditional=False, class_dropout_prob=0.0)
+
+
 @pytest.mark.parametrize("backbone", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
 def test_t2h_with_its_gate_closed_equals_the_ddpm_loss(backbone: dict) -> None:
     ddpm, t2h = tiny(LongTailDDPM, backbone), tiny(T2H, backbone, cut_time=0)
@@ -208,12 +348,54 @@ def test_t2h_with_its_gate_closed_equals_the_ddpm_loss(backbone: dict) -> None:
 
 
 def test_long_tail_methods_need_class_counts_and_valid_flags() -> None:
-    with pytest.raises(ValueError, match="class_counts"):
+    with pytest.raises(ConfigError, match="class_counts"):
         tiny(T2H, class_counts=None).loss(batch())
-    with pytest.raises(ValueError, match="transfer_mode: full"):
+    with pytest.raises(ConfigError, match="transfer_mode: full"):
         tiny(T2H, prior_power=1.0)
-    with pytest.raises(ValueError, match="target_dist"):
+    with pytest.raises(ConfigError, match="target_dist"):
         tiny(CBDM, target_dist="balanced")
+
+
+@pytest.mark.parametrize("kwargs,match", [({"tau": -1.0}, "tau=-1.0"), ({"gamma": -0.25}, "gamma=-0.25"),
+                                          ({"tau": float("nan")}, "tau=nan"), ({"gamma": float("inf")}, "gamma")])
+def test_cbdm_refuses_weights_that_flip_or_break_the_regulariser(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        tiny(CBDM, **kwargs)
+
+
+def test_cbdm_with_zero_tau_is_the_ddpm_loss() -> None:
+    model = tiny(CBDM, tau=0.0, gamma=0.0)  # the boundary is allowed: the regulariser is off
+    randomise(model)
+    torch.manual_seed(0)
+    out = model.loss(batch())
+    assert out["reg"].item() == 0.0 and out["loss"].item() == out["mse"].item()  # fixed variance: loss = mse
+
+
+def fake_trainer(counts: list[int]) -> SimpleNamespace:
+    return SimpleNamespace(datamodule=SimpleNamespace(class_counts=counts))
+
+
+def test_class_counts_of_the_wrong_length_are_refused_when_known() -> None:
+    with pytest.raises(ConfigError, match=r"num_classes=4, but model.init_args.class_counts has 3 class counts"):
+        tiny(T2H, class_counts=[5, 3, 1])
+    with pytest.raises(ConfigError, match="non-negative"):
+        tiny(CBDM, class_counts=[5, 3, -1, 1])
+    # Read from the data module in setup: checked there, before any loss.
+    model = tiny(T2H, class_counts=None)
+    model._trainer = fake_trainer([9, 5, 3, 2, 1])
+    with pytest.raises(ConfigError, match=r"data module's class_counts has 5 class counts \[9, 5, 3, 2, 1\]"):
+        model.setup("fit")
+    model._trainer = fake_trainer([])  # unlabelled data: T2H cannot gate
+    with pytest.raises(ConfigError, match="needs the training images per class of its 4 classes"):
+        model.setup("fit")
+    model.setup("predict")  # sampling needs no prior
+    model._trainer = fake_trainer([8, 4, 2, 1])
+    model.setup("fit")
+    torch.testing.assert_close(model.class_prior(), torch.tensor([8, 4, 2, 1]) / 15)
+    uniform = tiny(CBDM, class_counts=None)  # y' uniform: no prior needed
+    uniform._trainer = fake_trainer([])
+    uniform.setup("fit")
+    assert uniform.class_counts is None
 
 
 # ------------------------------------------------------------------------------------------------ U-Net backbone
@@ -278,7 +460,13 @@ def test_tiny_cli_fit_reads_the_long_tailed_class_counts(config: str, arch: str,
                      "--data.init_args.num_workers", "0", "--metrics.feature_network", "null",
                      "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                      "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+                     "--trainer.log_every_n_steps", "1",
                      "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path)])
     counts = cli.datamodule.class_counts
     assert counts[0] == 8 and counts[-1] == 2 and cli.model.class_counts == counts
     assert cli.trainer.global_step == 2
+    rates = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/transfer_rate_t")}
+    if config.startswith("t2h"):  # the per-t histogram goes through Lightning's logging (8 rows: a few buckets)
+        assert rates and all(0.0 <= v <= 1.0 for v in rates.values())
+    else:
+        assert not rates

@@ -228,6 +228,26 @@ def test_label_dropout_zeroes_labels_in_training_only() -> None:
     assert not torch.allclose(net.eval()(x, sigma, labels), net(x, sigma, None))
 
 
+
+@pytest.mark.parametrize("family", ["song", "dhariwal", "ddpm"])
+def test_label_map_init_is_the_families_own(family: str) -> None:
+    # pytorch-ddpm / CBDM / T2H: nn.Embedding's N(0, 1), untouched by their Xavier initialize() (longtail.md 2.2);
+    # EDM's DhariwalUNet: kaiming_normal x sqrt(label_dim), also N(0, 1). SongUNet keeps Xavier-uniform.
+    torch.manual_seed(0)
+    cls = {"song": SongUNet, "dhariwal": DhariwalUNet, "ddpm": DDPMUNet}[family]
+    net = cls(8, 3, 3, label_dim=100, **TINY)
+    w = net.map_label.weight.detach()
+    fan_out, fan_in = w.shape  # 6400 entries: the sample std is within ±2.5 % of the true one (4 std errors)
+    if family in ("ddpm", "dhariwal"):
+        assert abs(w.std().item() - 1.0) < 0.04 and abs(w.mean().item()) < 0.05
+        assert w.abs().max().item() > 3.0  # Gaussian tails; a uniform of std 1 stops at √3
+        layer = net.map_layer1.weight  # the other Linears keep the family's uniform init
+        bound = math.sqrt(6 / sum(layer.shape)) if family == "ddpm" else 1 / math.sqrt(layer.shape[1])
+        assert layer.abs().max().item() <= bound + 1e-6
+        return
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max().item() <= bound + 1e-6
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.04 * bound
 # ------------------------------------------------------------------------------------------------ pytorch-ddpm
 
 

@@ -38,7 +38,9 @@ class TrainableEMA(L.Callback):
         halflife_kimg: EDM half-life in thousands of images; switches to half-life mode.
         rampup_ratio: EDM ramp-up; the half-life is at most ``rampup_ratio * images_seen``. None disables.
         submodule: dotted name of the submodule to average (default: every trainable parameter).
-        update_every_n_steps: update interval in optimizer steps (the decay is applied once per update).
+        update_every_n_steps: update interval in optimizer steps (the decay is applied once per update, for the
+            images seen since the previous update; with several optimizers, e.g. DiffInstruct's two, global_step
+            advances by more than one per batch).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class TrainableEMA(L.Callback):
         self.shadow: dict[str, Tensor] = {}
         self.images_seen = 0
         self.num_updates = 0
+        self._pending_images = 0  # images since the last update
         self._backup: dict[str, Tensor] | None = None  # raw weights while the EMA is swapped in
         self._last_step = -1
 
@@ -126,12 +129,15 @@ class TrainableEMA(L.Callback):
         step = trainer.global_step
         if step == self._last_step:
             return
-        self._last_step = step
+        previous, self._last_step = self._last_step, step
         images = _batch_size(batch) * trainer.world_size * trainer.accumulate_grad_batches
         self.images_seen += images
-        if step % self.update_every_n_steps:
+        self._pending_images += images
+        # Due when a multiple of the interval was passed (global_step may advance by several per batch).
+        if step // self.update_every_n_steps == previous // self.update_every_n_steps:
             return
-        beta = self.current_decay(images * self.update_every_n_steps)
+        beta = self.current_decay(self._pending_images)
+        self._pending_images = 0
         params = self.tracked(pl_module)
         names = list(self.shadow)
         with torch.no_grad():
@@ -178,12 +184,14 @@ class TrainableEMA(L.Callback):
         self._backup = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"images_seen": self.images_seen, "num_updates": self.num_updates, "last_step": self._last_step}
+        return {"images_seen": self.images_seen, "num_updates": self.num_updates, "last_step": self._last_step,
+                "pending_images": self._pending_images}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.images_seen = state_dict["images_seen"]
         self.num_updates = state_dict["num_updates"]
         self._last_step = state_dict["last_step"]
+        self._pending_images = state_dict.get("pending_images", 0)
 
 
 def _batch_size(batch: Any) -> int:

@@ -323,9 +323,13 @@ def _check_hierarchy(classes: ClassInfo, num_classes: int, where: str) -> None:
     if len(sup) != num_classes:
         raise DatasetError(f"{where}: superclasses has {len(sup)} entries for {num_classes} classes; "
                            "give one superclass index per class")
-    if min(sup) < 0 or (classes.superclass_names is not None and max(sup) >= len(classes.superclass_names)):
-        raise DatasetError(f"{where}: superclass index out of range (0..{len(classes.superclass_names or [])-1}); "
-                           "fix superclasses or superclass_names")
+    count = None if classes.superclass_names is None else len(classes.superclass_names)
+    for c, s in enumerate(sup):
+        if s < 0 or (count is not None and s >= count):
+            name = f" ('{classes.class_names[c]}')" if classes.class_names is not None else ""
+            valid = f"0..{count - 1}, one per superclass_names entry" if count is not None else ">= 0"
+            raise DatasetError(f"{where}: class {c}{name} has superclass {s}; superclass indices are {valid}; "
+                               "fix superclasses or superclass_names")
 
 
 def _list_of(value: Any, kind: type, where: str, key: str) -> list[Any] | None:

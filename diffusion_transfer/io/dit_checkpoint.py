@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
+from .peft_checkpoint import PEFT_KEY
 
 __all__ = [
     "DIT_RELEASE_URL",
@@ -124,6 +125,13 @@ def read_dit_state_dict(
             f"torch said: {err}"
         ) from err
 
+    if isinstance(obj, Mapping) and PEFT_KEY in obj:
+        base = obj[PEFT_KEY].get("base") if isinstance(obj[PEFT_KEY], Mapping) else None
+        raise DiTCheckpointError(
+            f"{file} is a parameter-efficient checkpoint: it holds only the trained tensors and refers to its "
+            f"base {base!r}, so it cannot serve as base weights. Resume or sample from it with --ckpt_path "
+            f"{file} (Python: Method.load_with_base(path, base=...)), and leave `checkpoint` at its base or null"
+        )
     if _is_state_dict(obj):
         return dict(obj), "state_dict"
     if isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
@@ -221,6 +229,7 @@ def load_dit_checkpoint(
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
     ignore_keys: Iterable[str] = (),
+    ignore_mismatched: Iterable[str] = (),
     prefer: str = "ema",
     trusted_globals: Sequence[Any] = (),
     reuse_labels: bool = False,
@@ -239,6 +248,8 @@ def load_dit_checkpoint(
         allow_missing: model keys that may be absent from the file (they keep their current values).
         allow_unexpected: file keys the model may lack (they are skipped).
         ignore_keys: file keys dropped before comparing (e.g. a label table that is re-initialised).
+        ignore_mismatched: file keys dropped only when the model lacks them or their shape differs (a label
+            table kept when it fits, re-initialised otherwise).
         reuse_labels: a model with fewer classes takes the file's first N label rows plus its null row
             (:func:`reuse_label_rows`; Diff-Tuning). The model's table must have a null row.
 
@@ -252,10 +263,11 @@ def load_dit_checkpoint(
     """
     file = Path(path).expanduser()
     loaded, source = read_dit_state_dict(file, prefer=prefer, trusted_globals=trusted_globals)
-    ignore = tuple(ignore_keys)
-    ignored = sorted(k for k in loaded if _matches(k, ignore))
-    state = {k: v for k, v in loaded.items() if k not in set(ignored)}
+    ignore, if_mismatched = tuple(ignore_keys), tuple(ignore_mismatched)
     target = model.state_dict()
+    ignored = sorted(k for k, v in loaded.items() if _matches(k, ignore) or (
+        _matches(k, if_mismatched) and (k not in target or tuple(v.shape) != tuple(target[k].shape))))
+    state = {k: v for k, v in loaded.items() if k not in set(ignored)}
     if reuse_labels and _LABEL_TABLE in target:
         state = reuse_label_rows(state, target[_LABEL_TABLE].shape[0], file)
     missing = [k for k in target if k not in state]

@@ -19,6 +19,9 @@ one shared dropout mask (torch's RNG is rewound between the two calls). NaN/Inf 
 each step (EDMDiffusion's hook); both Adams have betas (0, 0.999). The EMA of the generator is
 :class:`~diffusion_transfer.callbacks.TrainableEMA` with ``submodule: generator`` (EDM half-life with ramp-up).
 
+Only ``precond: edm`` is accepted (phase B's σ law must be LN(P_mean, P_std²), as in the paper's code). Under DDP the
+module switches on ``find_unused_parameters`` (each phase leaves the other network without a gradient).
+
 Departures: no AugmentPipe in phase A (the library has none; nets with ``augment_dim`` get no augment labels, the
 paper's p = 0.12 is off); label dropout is off in all three nets (the generator must always follow its label).
 """
@@ -31,11 +34,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ..callbacks.ema import TrainableEMA
 from ..diffusion.edm import EDM, Denoiser, Precond, make_precond
+from ..errors import ConfigError
 from ..io.checkpoint import CheckpointError
 from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.generator import DCGANGenerator
@@ -118,8 +123,10 @@ class DiffInstruct(EDMDiffusion):
     Args:
         arch / arch_overrides: the teacher's U-Net (as :class:`EDMDiffusion`); fake score and generator copy it.
         checkpoint: the teacher: an :class:`EDMDiffusion` ``.ckpt`` or an official EDM ``.pkl`` (its ``ema``
-            network). Loaded at setup, then copied into the fake score and the teacher-shaped generator. Required to
+            network). Loaded at setup (validate / test / predict: at their start, and not at all after a
+            ``--ckpt_path`` of ours), then copied into the fake score and the teacher-shaped generator. Required to
             ``fit``; sampling from our ``.ckpt`` needs it not (the teacher is in the checkpoint).
+        precond: must be ``edm`` (phase B draws σ from LN(P_mean, P_std²); the paper's code is EDM-only).
         init_sigma: σ_init (paper flag ``--init_sigma``; README 1.0). Stored in checkpoints; sampling refuses another.
         generator: ``teacher`` (the teacher applied once at σ_init, the paper's) or ``dcgan`` (a
             :class:`~diffusion_transfer.nets.generator.DCGANGenerator`, randomly initialised: the paper's "any
@@ -157,17 +164,22 @@ class DiffInstruct(EDMDiffusion):
     ) -> None:
         for name in ("optimizer", "lr_scheduler", "label_dropout"):
             if kwargs.get(name) not in (None, 0.0) and kwargs[name] is not _adamw:
-                raise ValueError(f"DiffInstruct does not take {name}: it has two Adams (lr, glr, betas, eps) and "
-                                 "no label dropout")
+                raise ConfigError(f"DiffInstruct does not take {name}: it has two Adams (lr, glr, betas, eps) and "
+                                  "no label dropout")
             kwargs.pop(name, None)
+        if kwargs.get("precond", "edm") != "edm":
+            # Phase B draws σ from the precond's training law, which must be LN(P_mean, P_std²) (spec 2.3, 3.1:
+            # --precond stays edm); a VP/VE teacher would also get the wrong c_skip/c_out in the generator.
+            raise ConfigError(f"DiffInstruct needs precond: edm (the EDM-preconditioned teacher of the paper), not "
+                              f"{kwargs['precond']!r}")
         if sampler not in (ONE_STEP, "heun", "euler"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {ONE_STEP}, heun, euler")
+            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {ONE_STEP}, heun, euler")
         if generator not in GENERATORS:
-            raise ValueError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+            raise ConfigError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
         if score_dropout not in SCORE_DROPOUT:
-            raise ValueError(f"unknown score_dropout {score_dropout!r}; choose one of {', '.join(SCORE_DROPOUT)}")
+            raise ConfigError(f"unknown score_dropout {score_dropout!r}; choose one of {', '.join(SCORE_DROPOUT)}")
         if not init_sigma > 0:
-            raise ValueError(f"init_sigma must be positive, got {init_sigma}")
+            raise ConfigError(f"init_sigma must be positive, got {init_sigma}")
         super().__init__(arch, arch_overrides, checkpoint, sampler="heun" if sampler == ONE_STEP else sampler,
                          sample_steps=sample_steps, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -190,8 +202,8 @@ class DiffInstruct(EDMDiffusion):
         if name == "dcgan":
             return DCGANGenerator(self.resolution, self.channels, self.num_classes, **overrides)
         if overrides:
-            raise ValueError("generator_overrides only apply to generator: dcgan (the teacher-shaped generator is "
-                             "shaped by arch / arch_overrides)")
+            raise ConfigError("generator_overrides only apply to generator: dcgan (the teacher-shaped generator is "
+                              "shaped by arch / arch_overrides)")
         return OneStepGenerator(copy.deepcopy(self.net).requires_grad_(True), self.process, self.init_sigma)
 
     # ------------------------------------------------------------------------------------ teacher and checkpoints
@@ -216,6 +228,11 @@ class DiffInstruct(EDMDiffusion):
             check_same_precond(make_precond(hparams["precond"], **(edm_constants if hparams["precond"] == "edm"
                                                                    else {})), self.process.precond, path)
             resolution = hparams.get("resolution")
+        elif report.source == "state_dict":
+            rank_zero_warn(f"DiffInstruct: {path} is a bare state dict, so neither its preconditioning (this model "
+                           f"uses {self.process.precond}) nor its resolution ({self.resolution}x{self.resolution} "
+                           "here) can be verified; make sure the teacher is an EDM denoiser of this resolution, or "
+                           "use an EDMDiffusion .ckpt or an official edm-*.pkl")
         if resolution is not None and int(resolution) != self.resolution:
             raise CheckpointError(f"the teacher {path} works at {resolution}x{resolution} but the generator makes "
                                   f"{self.resolution}x{self.resolution} images; use data of the teacher's resolution")
@@ -224,21 +241,80 @@ class DiffInstruct(EDMDiffusion):
             self.generator.net.load_state_dict(self.net.state_dict())
         return f"{report.source} teacher"
 
+    #: True while the teacher file waits for the start of a validate / test / predict run (see :meth:`setup`).
+    _teacher_deferred = False
+
+    def load_pretrained(self) -> None:
+        if not self._teacher_deferred:
+            super().load_pretrained()
+
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # TF32 setting, then the teacher from `checkpoint`
+        # A fit loads the teacher file now (on_fit_start requires it; a resumed fit's --ckpt_path overrides it
+        # afterwards). Validate / test / predict under a Trainer wait for their start hook: a --ckpt_path of ours
+        # is restored after setup and holds the teacher, so the teacher file is then neither read nor required.
+        self._teacher_deferred = self._trainer is not None and stage != "fit"
+        super().setup(stage)  # TF32 setting, then the teacher from `checkpoint` (unless deferred)
+        if stage == "fit" and self._trainer is not None:
+            self._require_unused_parameter_search()
         with torch.no_grad(), _modes((self.generator, False)):
             probe = self.generator(torch.zeros(1, *self.generator.latent_shape, device=self.device),
                                    torch.zeros(1, dtype=torch.int64, device=self.device) if self.num_classes else None)
         if tuple(probe.shape[1:]) != (self.channels, self.resolution, self.resolution):
-            raise ValueError(f"the generator makes {list(probe.shape[1:])} images but the teacher works on "
-                             f"{[self.channels, self.resolution, self.resolution]}")
+            raise ConfigError(f"the generator makes {list(probe.shape[1:])} images but the teacher works on "
+                              f"{[self.channels, self.resolution, self.resolution]}")
         for callback in self.trainer.callbacks if self._trainer is not None else []:
             if isinstance(callback, TrainableEMA) and callback.submodule != "generator":
                 if callback.submodule is not None:
-                    raise ValueError(f"DiffInstruct averages the generator only: set ema.submodule to 'generator', "
-                                     f"not {callback.submodule!r}")
+                    raise ConfigError(f"DiffInstruct averages the generator only: set ema.submodule to 'generator', "
+                                      f"not {callback.submodule!r}")
                 callback.submodule = "generator"
                 rank_zero_info("DiffInstruct: the EMA averages the generator only (ema.submodule = generator)")
+
+    def _require_unused_parameter_search(self) -> None:
+        """Make DDP tolerate parameters without a gradient: phase A leaves the generator without one, phase B the
+        fake score. Lightning's DDPStrategy wraps the module after ``setup``, passing ``_ddp_kwargs`` to
+        DistributedDataParallel, so setting ``find_unused_parameters`` there still takes effect."""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            return
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if not isinstance(ddp_kwargs, dict) or ddp_kwargs.get("static_graph"):
+            raise ConfigError("DiffInstruct under DDP needs find_unused_parameters=True and no static graph (each "
+                              "phase leaves the other network's parameters without a gradient); set "
+                              "trainer.strategy: ddp_find_unused_parameters_true")
+        if not ddp_kwargs.get("find_unused_parameters"):
+            ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("DiffInstruct: DDP set to find_unused_parameters=True (each phase leaves the other "
+                           "network's parameters without a gradient)")
+
+    def _load_deferred_teacher(self) -> None:
+        # After a --ckpt_path restore (on_load_checkpoint marks the weights as loaded) this reads nothing.
+        self._teacher_deferred = False
+        self.load_pretrained()
+
+    def on_validation_start(self) -> None:
+        self._load_deferred_teacher()
+
+    def on_test_start(self) -> None:
+        self._load_deferred_teacher()
+
+    def on_predict_start(self) -> None:
+        self._load_deferred_teacher()
+
+    def require_finite(self, loss: Tensor, name: str = "loss",
+                       hint: str = "lower the learning rates (model.init_args.lr / glr)") -> None:
+        """Stop with the step number when ``loss`` is NaN or infinite (the same decision on every rank).
+
+        The hint names the learning rates only: Lightning refuses ``gradient_clip_val`` under manual optimisation.
+
+        Raises:
+            FloatingPointError: the loss is not finite.
+        """
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
+        if non_finite:
+            raise FloatingPointError(f"DiffInstruct: the {name} is {loss.item()} at step {self.global_step}; {hint}")
 
     def on_fit_start(self) -> None:
         if not self._pretrained_loaded:
@@ -304,7 +380,7 @@ class DiffInstruct(EDMDiffusion):
                                              ("generator_loss", opt_generator, self.generator_loss)):
                 with self.toggled_optimizer(optimizer):
                     loss = compute(labels, n)
-                    self.require_finite(loss, name, "lower the learning rates (model.init_args.lr / glr)")
+                    self.require_finite(loss, name)
                     optimizer.zero_grad(set_to_none=True)
                     self.manual_backward(loss)
                     optimizer.step()  # on_before_optimizer_step replaces NaN/Inf gradients first

@@ -20,13 +20,15 @@ import os
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..data.archive import DatasetError
 from ..data.replay import ReplayBank
 from ..diffusion.gaussian import GaussianDiffusion
+from ..errors import ConfigError
 from ..io.dit_checkpoint import load_dit_checkpoint
-from ..nets.peft import select_trainable
+from ..nets.peft import keys_not_in_dit, preset_arch, select_trainable
 from .diffusion import Diffusion
 
 T_LAWS = ("categorical", "uniform")
@@ -100,11 +102,15 @@ class DiffTuning(Diffusion):
         t_law: ``categorical`` (the two laws above) or ``uniform`` for both parts (``t_prob``).
         replay_xflip: random flips of bank images (the reference flips both batches).
         trainable: a preset of :func:`~diffusion_transfer.nets.peft.select_trainable` (``full`` = ``all``,
-            ``bitfit`` = ``bias``, ``finediffusion`` = ``bias_norm``: LN affine needs ``arch_overrides:
-            {norm_affine: true}``, ``difffit``) or a list of fnmatch patterns over ``net`` parameter names; the rest
-            is frozen (Diff-Tuning combined with PEFT).
+            ``bitfit`` = ``bias``, ``finediffusion`` = ``bias_norm``, ``difffit``) or a list of fnmatch patterns
+            over ``net`` parameter names; the rest is frozen (Diff-Tuning combined with PEFT). The net gets what
+            the preset needs (:func:`~diffusion_transfer.nets.peft.preset_arch`: LN affine for
+            ``finediffusion``, γ in blocks 0..``difffit_depth``-1 for ``difffit``), at the identity, so the
+            official checkpoint still loads.
+        difffit_depth: blocks with DiffFit's γ under ``trainable: difffit`` (Diff-Tuning's ``--difffit``: 14).
         **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; a new label space of
-            N classes reuses its label rows 0..N-1 and its null row).
+            N classes reuses its label rows 0..N-1 and its null row; ``arch_overrides`` goes on top of the
+            preset's needs).
     """
 
     def __init__(
@@ -117,17 +123,19 @@ class DiffTuning(Diffusion):
         t_law: str = "categorical",
         replay_xflip: bool = True,
         trainable: str | list[str] = "all",
+        difffit_depth: int = 14,
         **kwargs: Any,
     ) -> None:
         # A plain string before the base saves hyper-parameters, so checkpoints load with weights_only=True.
         replay_bank = None if replay_bank is None else os.fspath(replay_bank)
-        super().__init__(**kwargs)
+        arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None))
+        super().__init__(arch_overrides=arch, **kwargs)
         if t_law not in T_LAWS:
-            raise ValueError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")
+            raise ConfigError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")
         if replay_weight < 0:
-            raise ValueError(f"replay_weight must be >= 0, got {replay_weight}")
+            raise ConfigError(f"replay_weight must be >= 0, got {replay_weight}")
         if self.net.null_label is None:
-            raise ValueError("DiffTuning trains replay rows with the null label: class_dropout_prob must be > 0")
+            raise ConfigError("DiffTuning trains replay rows with the null label: class_dropout_prob must be > 0")
         self.replay_bank, self.replay_ratio, self.replay_weight = replay_bank, replay_ratio, replay_weight
         self.replay_xflip = replay_xflip
         self._bank: ReplayBank | None = None
@@ -139,12 +147,16 @@ class DiffTuning(Diffusion):
         self.register_buffer("target_law", timestep_law(steps, s), persistent=False)
         self.register_buffer("replay_law", timestep_law(steps, s_rep, reverse=True), persistent=False)
         self.selection = select_trainable(self.net, trainable)
+        rank_zero_info(f"DiffTuning trainable={trainable}: {self.selection}")
 
     # ------------------------------------------------------------------------------------ weights and data
 
     def load_weights(self, path: str) -> str:
-        """The pre-trained DiT, strictly, with its label table fitted to this data's classes (rows 0..N-1 + null)."""
-        return load_dit_checkpoint(self.net, path, reuse_labels=True).source
+        """The pre-trained DiT, strictly, with its label table fitted to this data's classes (rows 0..N-1 + null).
+
+        Only the LN affine / γ that the preset added may be absent from the file (they keep their identity init).
+        """
+        return load_dit_checkpoint(self.net, path, reuse_labels=True, allow_missing=keys_not_in_dit(self.net)).source
 
     def open_bank(self) -> ReplayBank:
         """The replay bank, opened (and checked against the model) on first use."""

@@ -31,6 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..diffusion.gaussian import GaussianDiffusion
+from ..errors import ConfigError
+from ..nets.dit import DiT
 from ..nets.dmp import MixtureOfPrompts, balance_loss
 from .diffusion import Diffusion, dit_loss
 from .peft import BaseReferencedCheckpoint
@@ -55,6 +57,34 @@ def dmp_loss(patch: MixtureOfPrompts, net: Callable[..., Tensor], process: Gauss
     return out
 
 
+#: Hyper-parameters that define the diffusion process a backbone was trained for (papers/dmp.md pitfall 6: the
+#: patch must train with the pre-training schedule). Compared with those a Lightning ``.ckpt`` base records.
+PROCESS_HPARAMS = ("schedule", "num_timesteps", "prediction", "learn_sigma")
+
+
+def check_base_process(path: str | os.PathLike[str], hparams: dict[str, Any]) -> None:
+    """Raise ConfigError if the Lightning checkpoint at ``path`` records a diffusion process other than ``hparams``.
+
+    Only our ``.ckpt`` files record one (under ``hyper_parameters``); official DiT ``.pt`` files and plain state
+    dicts record nothing and are not checked (the official DiT-XL/2 uses ``schedule: linear``). The file is
+    memory-mapped, so its tensors are not read again.
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip-format torch file: no recorded process to compare
+        return
+    recorded = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    wrong = [f"{key}: {recorded[key]!r} there, {hparams[key]!r} here" for key in PROCESS_HPARAMS
+             if key in recorded and key in hparams and recorded[key] != hparams[key]]
+    if wrong:
+        fix = " ".join(f"--model.init_args.{key} {recorded[key]}" for key in PROCESS_HPARAMS
+                       if key in recorded and key in hparams and recorded[key] != hparams[key])
+        raise ConfigError(f"the base checkpoint {path} was pre-trained with another diffusion process "
+                          f"({'; '.join(wrong)}); DMP must train with the pre-training process: set {fix}")
+
+
 def _two_groups(factory: Callable[..., torch.optim.Optimizer], gate: list[nn.Parameter], gate_lr_scale: float,
                 params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """``factory`` over two parameter groups: the gate (and W_noise) at ``gate_lr_scale`` x the prompts' lr."""
@@ -73,16 +103,22 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
     """Diffusion Model Patching: train a mixture of prompts on a frozen, pre-trained DiT.
 
     Args:
-        patched_blocks: blocks that get a prompt pool: ``all`` (paper), the first k (reference ``pt_depth``), or
-            a list of indices.
+        patched_blocks: blocks that get a prompt pool: ``all`` (paper), the first k (reference ``pt_depth``; on
+            the command line ``--model.init_args.patched_blocks 2``), or a list of indices (``[0, 2]``).
         gating: mix prompts with the gate (DMP, reference ``gate_type: linear``); false = naive prompt tuning
             (``PT``).
-        noisy_gating: learned gate noise in training (reference: on).
+        noisy_gating: learned gate noise in training (reference: on); false builds no W_noise.
         balance_weight: weight of the prompt-balancing (importance) loss (reference: fixed 1.0).
         gate_lr_scale: the gate's and W_noise's lr over the prompts' lr, which is the optimizer's lr (reference:
             10, i.e. 1e-3 for lr 1e-4).
-        **kwargs: :class:`Diffusion` arguments; ``checkpoint`` is the pre-trained model (official DiT ``.pt``, a
-            state dict or one of our ``.ckpt``), and the optimizer should be AdamW(lr=1e-4, weight_decay=0).
+        **kwargs: :class:`Diffusion` arguments; ``arch`` must be a DiT; ``checkpoint`` is the pre-trained model
+            (official DiT ``.pt``, a state dict or one of our ``.ckpt``, whose recorded ``schedule``,
+            ``num_timesteps``, ``prediction`` and ``learn_sigma`` must equal this model's), and the optimizer
+            should be AdamW(lr=1e-4, weight_decay=0).
+
+    Raises:
+        ConfigError: a U-Net ``arch``, ``compile: true``, a negative ``balance_weight``, a non-positive
+            ``gate_lr_scale`` or a bad ``patched_blocks``; on loading, a ``.ckpt`` base of another process.
 
     The backbone is frozen (``requires_grad=False``). DiT has no dropout or normalisation statistics, so its
     train mode only switches label dropout on, which DMP keeps as the reference does: the null label trains
@@ -90,16 +126,19 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
     ``fit``, off in validation and sampling).
     """
 
-    def __init__(self, patched_blocks: str | int | list[int] = "all", gating: bool = True,
+    def __init__(self, patched_blocks: int | str | list[int] = "all", gating: bool = True,
                  noisy_gating: bool = True, balance_weight: float = 1.0, gate_lr_scale: float = 10.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not isinstance(self.net, DiT):
+            raise ConfigError(f"DMP patches a DiT; set arch to a DiT-* name (e.g. DiT-S/2), got "
+                              f"{self.hparams.get('arch')!r}")
         if self._compile:
-            raise ValueError("DMP does not support compile: true (its block hook is a new function at every call, "
-                             "which defeats torch.compile's cache); leave model.init_args.compile false")
+            raise ConfigError("DMP does not support compile: true (its block hook is a new function at every call, "
+                              "which defeats torch.compile's cache); leave model.init_args.compile false")
         if balance_weight < 0 or gate_lr_scale <= 0:
-            raise ValueError(f"balance_weight must be >= 0 and gate_lr_scale > 0, got {balance_weight} and "
-                             f"{gate_lr_scale}")
+            raise ConfigError(f"balance_weight must be >= 0 and gate_lr_scale > 0, got {balance_weight} and "
+                              f"{gate_lr_scale}")
         self.net.requires_grad_(False)
         self.patch = MixtureOfPrompts.for_dit(self.net, patched_blocks, gating=gating, noisy_gating=noisy_gating)
         self.balance_weight = balance_weight
@@ -110,6 +149,11 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
     def denoiser(self) -> Callable[..., Tensor]:
         """The patched DiT ``(x, t, y, **kwargs) -> output``, used for sampling (and CFG) too."""
         return partial(self.patch, self.net)
+
+    def load_base_weights(self, path: str) -> str:
+        """The base's weights into the DiT, after checking that a ``.ckpt`` base shares this model's process."""
+        check_base_process(path, dict(self.hparams))
+        return super().load_base_weights(path)
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         x0, labels = batch
@@ -125,11 +169,12 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
 
     def on_fit_start(self) -> None:
         counts = self.added_parameters()
+        noise = f" plus {counts['w_noise']:,} of gate noise used in training only" if counts["w_noise"] else ""
         rank_zero_info(
             f"{'DMP' if self.patch.gating else 'prompt tuning'}: {len(self.patch.blocks)} of {len(self.net.blocks)} "
             f"blocks patched with {self.patch.num_tokens} prompts x {self.patch.hidden_size}; "
             f"+{counts['added']:,} parameters (+{counts['share']:.2%} of the {counts['backbone']:,}-parameter "
-            f"backbone) plus {counts['w_noise']:,} of gate noise used in training only; the backbone is frozen")
+            f"backbone){noise}; the backbone is frozen")
         if self.checkpoint is None:
             rank_zero_info("DMP: no `checkpoint` is set, so the patch trains on a randomly initialised backbone")
 

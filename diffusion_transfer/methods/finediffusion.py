@@ -12,32 +12,37 @@ Spec: ``papers/finediffusion.md``. Starting from a pre-trained DiT:
        ε̃(x_t, y) = ε(x_t, N + π(y)) + s · [ε(x_t, y) − ε(x_t, N + π(y))],   s = 4.0.
 
 Baselines of the paper through the same class: ``peft: full | bitfit | difffit`` with ``tiered: false`` (DiT's
-flat table with its ∅ row, fresh, and classifier-free guidance). Checkpoints of a PEFT run hold only the trained
-tensors plus a reference to the base weights (``methods/peft.py``, ``io/peft_checkpoint.py``).
+flat table with its ∅ row, fresh, and classifier-free guidance). DiffFit trains at lr 1e-3 (10x, spec §6) unless
+an optimizer is given. Checkpoints of a PEFT run hold only the trained tensors plus a reference to the base
+weights (``methods/peft.py``, ``io/peft_checkpoint.py``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..data.archive import DatasetError
 from ..diffusion.gaussian import GaussianDiffusion
+from ..errors import ConfigError
 from ..io.dit_checkpoint import load_dit_checkpoint
 from ..nets.class_embedder import TieredLabelEmbedder, check_superclass_map, install_tiered_embedder
-from ..nets.peft import ALIASES, select_trainable
+from ..nets.peft import canonical_preset, keys_not_in_dit, preset_arch, select_trainable
 from .diffusion import Diffusion
 from .peft import BaseReferencedCheckpoint
 
 GUIDANCE = ("superclass", "cfg")
+#: AdamW learning rate when no optimizer is given: DiT's 1e-4 (spec §2.5), DiffFit's 10x (spec §2.6, §6).
+DEFAULT_LR = 1e-4
+PRESET_LR = {"difffit": 1e-3}
 _TABLE = "y_embedder.embedding_table.weight"
-#: Keys a FineDiffusion/DiffFit net has beyond an official DiT (allowed to be absent from the base file).
-_NEW_KEYS = (_TABLE, "y_embedder.class_to_super", "blocks.*.norm1.*", "blocks.*.norm2.*",
-             "final_layer.norm_final.*", "blocks.*.gamma_*")
+_MAP = "y_embedder.class_to_super"
 
 
 def pair_guided(net: Callable[..., Tensor], process: GaussianDiffusion, labels: Tensor, reference: Tensor,
@@ -72,8 +77,16 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
             overrides it per call.
         difffit_depth: blocks 0..k-1 get DiffFit's γ with ``peft: difffit`` (Diff-Tuning's DiffFit: 14).
         guidance_scale: s (``--cfg-scale``: 4.0).
-        **kwargs: :class:`Diffusion` arguments; ``checkpoint`` is the base DiT (its label table is dropped and
-            re-initialised, LN affine / γ start at the identity); ``class_dropout_prob`` is the tiered dropout.
+        arch_overrides: DiT arguments on top of what the preset needs (``nets.peft.preset_arch``:
+            ``norm_affine`` for ``finediffusion``, ``branch_scales = difffit_depth`` for ``difffit``).
+        optimizer: ``params -> Optimizer``; None (default): AdamW, weight decay 0, lr from the preset
+            (:data:`PRESET_LR`: 1e-3 for ``difffit``, else :data:`DEFAULT_LR` 1e-4). A given optimizer keeps its
+            own lr whatever the preset.
+        **kwargs: :class:`Diffusion` arguments; ``arch`` must be a DiT. ``checkpoint`` is the base DiT: its
+            label table is re-initialised (kept only when it already has the tiered table's shape, e.g. a
+            FineDiffusion checkpoint imported as base; with S = 1 a flat DiT table of the same N fits too), its
+            superclass map is never read, LN affine / γ it lacks start at the identity. ``class_dropout_prob``
+            is the tiered dropout.
     """
 
     def __init__(
@@ -87,26 +100,32 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         difffit_depth: int = 14,
         guidance_scale: float = 4.0,
         arch_overrides: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
         **kwargs: Any,
     ) -> None:
+        arch = kwargs.get("arch")
+        if arch is not None and not str(arch).startswith("DiT"):
+            raise ConfigError(f"FineDiffusion fine-tunes a DiT (tiered class table, LayerNorm affine, DiffFit γ); "
+                              f"arch {arch!r} is not one: use a DiT name, DiT-S/2 ... DiT-XL/8")
         superclasses = None if superclasses is None else [int(s) for s in superclasses]
-        preset = ALIASES.get(peft, peft) if isinstance(peft, str) else None
-        # The preset decides the architecture change: affine LNs for FineDiffusion, γ for DiffFit (overridable).
-        overrides = {"norm_affine": preset == "finediffusion",
-                     "branch_scales": difffit_depth if preset == "difffit" else 0, **(arch_overrides or {})}
-        super().__init__(guidance_scale=guidance_scale, arch_overrides=overrides, **kwargs)
+        preset = canonical_preset(peft)
+        if optimizer is None:
+            lr = PRESET_LR.get(preset or "", DEFAULT_LR)
+            optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+        super().__init__(guidance_scale=guidance_scale, optimizer=optimizer,
+                         arch_overrides=preset_arch(peft, difffit_depth, arch_overrides), **kwargs)
         if guidance not in GUIDANCE:
-            raise ValueError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
+            raise ConfigError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
         self.tiered = tiered
         if tiered:
             if num_superclasses is None and superclasses is None:
-                raise ValueError("the tiered table needs num_superclasses (its superclass rows; iNat21: 11) or the "
-                                 "superclasses list")
+                raise ConfigError("the tiered table needs num_superclasses (its superclass rows; iNat21: 11) or "
+                                  "the superclasses list")
             count = num_superclasses if num_superclasses is not None else max(superclasses) + 1  # type: ignore
             install_tiered_embedder(self.net, count, superclasses, self.net.y_embedder.dropout_prob,
                                     null_dropout_prob)
         elif guidance == "superclass":
-            raise ValueError("superclass guidance needs the tiered table; set tiered: true, or guidance: cfg")
+            raise ConfigError("superclass guidance needs the tiered table; set tiered: true, or guidance: cfg")
         self.sampling["guidance"] = guidance
         self._check_guidance(guidance)
         self.selection = select_trainable(self.net, peft)
@@ -116,7 +135,7 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
     @property
     def embedder(self) -> TieredLabelEmbedder:
         if not isinstance(self.net.y_embedder, TieredLabelEmbedder):
-            raise ValueError("this model has DiT's flat label table (tiered: false): it has no superclass tokens")
+            raise ConfigError("this model has DiT's flat label table (tiered: false): it has no superclass tokens")
         return self.net.y_embedder
 
     def set_superclasses(self, superclass_of: Sequence[int], where: str = "the superclass map") -> None:
@@ -149,8 +168,19 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
 
     # ------------------------------------------------------------------------------------ weights
     def load_base_weights(self, path: str) -> str:
-        """The base DiT: strict, except the label table (dropped: fresh rows) and the keys FineDiffusion adds."""
-        report = load_dit_checkpoint(self.net, path, ignore_keys=[_TABLE], allow_missing=_NEW_KEYS)
+        """The base DiT: strict, except the label table, the superclass map and the keys the preset adds.
+
+        The table stays fresh unless the file's already has the tiered table's shape (then it is loaded); a
+        flat table (``tiered: false``) is always fresh (the paper's rule). The file's ``class_to_super`` is never
+        read: the map comes from the init argument or the data. LN affine / γ the file lacks keep their identity
+        init; every other missing or shape-different key fails the load.
+        """
+        report = load_dit_checkpoint(self.net, path, ignore_keys=[_MAP] if self.tiered else [_MAP, _TABLE],
+                                     ignore_mismatched=[_TABLE] if self.tiered else [],
+                                     allow_missing=[_TABLE, _MAP, *keys_not_in_dit(self.net)])
+        if self.tiered and _TABLE not in report.ignored and _TABLE not in report.missing:
+            rank_zero_info(f"FineDiffusion: kept the class table of {path}: it has the tiered table's shape "
+                           f"{tuple(self.net.y_embedder.embedding_table.weight.shape)}")
         self._not_in_base = [f"net.{k}" for k in report.missing]
         return report.source
 
@@ -167,12 +197,12 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
     # ------------------------------------------------------------------------------------ sampling
     def _check_guidance(self, guidance: str) -> None:
         if guidance not in GUIDANCE:
-            raise ValueError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
+            raise ConfigError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
         if guidance == "cfg" and self.net.null_label is None:
-            raise ValueError("plain CFG needs an unconditional (∅) row, and this tiered table has none (as the "
-                             "paper's): use guidance 'superclass', or train with null_dropout_prob > 0")
+            raise ConfigError("plain CFG needs an unconditional (∅) row, and this tiered table has none (as the "
+                              "paper's): use guidance 'superclass', or train with null_dropout_prob > 0")
         if guidance == "superclass" and not self.tiered:
-            raise ValueError("superclass guidance needs the tiered table (tiered: true)")
+            raise ConfigError("superclass guidance needs the tiered table (tiered: true)")
 
     def generate(self, noise: Tensor, labels: Tensor, generators: Sequence[torch.Generator],
                  **sampling: Any) -> Tensor:

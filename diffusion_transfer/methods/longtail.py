@@ -19,10 +19,13 @@ T2H (Zhang et al., spec 2.8), under no_grad in float32, for each sample i of the
           (when cut_time ≥ 0), else z_i = i
     ε̃_i = ε_i + √(ᾱ_t / (1 − ᾱ_t)) (x0_i − x0_{z_i}),  i.e. x_t,i = √ᾱ_t x0_{z_i} + √(1 − ᾱ_t) ε̃_i
     L = mean ‖ε_θ(x_t, t, y or ∅) − ε̃‖²              (the label y_i is never swapped; q = training class prior)
+    The share of rows with z_i ≠ i is logged against t (10 buckets, spec 6). ``conditional=False`` is the
+    unconditional variant (the paper's Table 1): the gate still reads y, the net always gets ∅.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,11 +33,13 @@ import torch
 from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat
+from ..errors import ConfigError
 from .diffusion import Diffusion, dit_loss
 
 LABEL_DROPS = ("batch", "sample")
 CBDM_TARGETS = ("uniform", "train")
 TRANSFER_MODES = ("t2h", "h2t", "full")
+TRANSFER_BUCKETS = 10  # the per-t transfer histogram: T / 10 timesteps a bucket (spec 6, "transfer-rate logging")
 
 
 # ------------------------------------------------------------------------------------------------ pure losses
@@ -49,7 +54,7 @@ def label_drop_mask(batch: int, prob: float, mode: str = "batch", device: torch.
         return torch.full((batch,), bool(torch.rand(()) < prob), dtype=torch.bool, device=device)
     if mode == "sample":
         return torch.rand(batch, device=device) < prob
-    raise ValueError(f"label_drop must be one of {LABEL_DROPS}, got {mode!r}")
+    raise ConfigError(f"label_drop must be one of {LABEL_DROPS}, got {mode!r}")
 
 
 def _conditioning(labels: Tensor, drop: Tensor | None) -> dict[str, Tensor]:
@@ -133,7 +138,7 @@ def gate_transfer(z: Tensor, labels: Tensor, prior: Tensor, t: Tensor, mode: str
     ``cut_time`` ≥ 0, only rows with t_i < cut_time may move. Equal priors (same class, or i itself) always pass.
     """
     if mode not in TRANSFER_MODES:
-        raise ValueError(f"transfer_mode must be one of {TRANSFER_MODES}, got {mode!r}")
+        raise ConfigError(f"transfer_mode must be one of {TRANSFER_MODES}, got {mode!r}")
     src, own = prior[labels[z]], prior[labels]
     keep = {"t2h": src >= own, "h2t": src <= own, "full": torch.ones_like(own, dtype=torch.bool)}[mode]
     if cut_time >= 0:
@@ -162,25 +167,56 @@ def t2h_targets(process: GaussianDiffusion, x0: Tensor, labels: Tensor, prior: T
     return x0[z], noise + scale * (x0 - x0[z]), z  # ε̃ is exactly ε where z_i = i
 
 
+def transfer_histogram(moved: Tensor, t_model: Tensor, num_timesteps: int,
+                       buckets: int = TRANSFER_BUCKETS) -> tuple[Tensor, Tensor]:
+    """Swaps and samples per timestep bucket: two int64 ``[buckets]``; bucket k holds t in [kT/n, (k+1)T/n).
+
+    Args:
+        moved: bool ``[B]``, z_i ≠ i; t_model: the original timesteps 0..T-1 ``[B]``; num_timesteps: T.
+    """
+    bucket = (t_model.long() * buckets // num_timesteps).clamp(0, buckets - 1)
+    return torch.bincount(bucket[moved], minlength=buckets), torch.bincount(bucket, minlength=buckets)
+
+
+def transfer_bucket_names(num_timesteps: int, buckets: int = TRANSFER_BUCKETS) -> list[str]:
+    """``t{lo}-{hi}`` of each bucket of :func:`transfer_histogram`, both ends included (T = 1000: t0-99 ...)."""
+    return [f"t{k * num_timesteps // buckets}-{(k + 1) * num_timesteps // buckets - 1}" for k in range(buckets)]
+
+
 def t2h_loss(net: Callable[..., Tensor], process: GaussianDiffusion, x0: Tensor, labels: Tensor, prior: Tensor,
              drop: Tensor | None = None, mode: str = "t2h", cut_time: int = -1,
-             prior_power: float | None = None) -> dict[str, Tensor]:
+             prior_power: float | None = None, *, conditional: bool = True, t: Tensor | None = None,
+             noise: Tensor | None = None) -> dict[str, Tensor]:
     """T2H's loss of a batch: the DDPM loss of the re-targeted pair (x0_z, ε̃), which has the same x_t.
 
     Args:
         net, process, x0, labels, drop: as :func:`cbdm_loss`; the rest as :func:`t2h_targets`.
+        conditional: False trains an unconditional model (the paper's Table 1): the labels still drive the gate,
+            but the net gets only the null label (-1, every row dropped) and ``drop`` is ignored.
+        t / noise: process indices ``[B]`` and ε; drawn (t first, then ε) when None.
 
     Returns:
-        ``{"loss", "mse", "vb", "transfer_rate"}``; transfer_rate is the share of rows with z_i ≠ i.
+        Scalars ``loss``, ``mse``, ``vb`` and ``transfer_rate`` (the share of rows with z_i ≠ i); per row ``z``
+        (the gated source index, int64 ``[B]``), ``eps_tilde`` (ε̃, the regression target) and ``t``; and the
+        per-t histogram ``transfer_swaps`` / ``transfer_samples`` (:func:`transfer_histogram`, int64
+        ``[TRANSFER_BUCKETS]``).
     """
-    t = process.sample_timesteps(x0.shape[0], device=x0.device)
-    noise = torch.randn_like(x0)  # dit_loss's draw order (t, then ε): a closed gate gives exactly its loss
+    if t is None:
+        t = process.sample_timesteps(x0.shape[0], device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)  # dit_loss's draw order (t, then ε): a closed gate gives exactly its loss
     x0_z, eps_tilde, z = t2h_targets(process, x0, labels, prior, t, noise, mode, cut_time, prior_power)
+    if conditional:
+        cond = _conditioning(labels, drop)
+    else:  # no class reaches the net: null labels, and every row dropped (a DiT's null row, a U-Net's skip)
+        cond = _conditioning(torch.full_like(labels, -1), torch.ones_like(labels, dtype=torch.bool))
     # The net sees √ᾱ x0_z + √(1-ᾱ) ε̃, which is x_t up to float rounding (bit for bit where z_i = i).
-    terms = process.training_losses(net, x0_z, t, noise=eps_tilde, model_kwargs=_conditioning(labels, drop))
+    terms = process.training_losses(net, x0_z, t, noise=eps_tilde, model_kwargs=cond)
     out = {k: terms[k].mean() for k in ("loss", "mse", "vb")}
-    out["transfer_rate"] = (z != torch.arange(len(z), device=z.device)).float().mean()
-    return out
+    moved = z != torch.arange(len(z), device=z.device)
+    out["transfer_rate"] = moved.float().mean()
+    swaps, samples = transfer_histogram(moved, process.model_timesteps(t), process.original_num_timesteps)
+    return {**out, "z": z, "eps_tilde": eps_tilde, "t": t, "transfer_swaps": swaps, "transfer_samples": samples}
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -195,7 +231,8 @@ class LongTailDDPM(Diffusion):
         class_dropout_prob: the label-drop probability p (0.1).
         label_drop: ``batch`` (CBDM / T2H: one draw per step) or ``sample`` (per-sample, DiT's way).
         sampler / sample_steps / guidance_scale: T2H's evaluator, DDIM 100 steps at w = 1.5 (s = 1 + w = 2.5).
-        class_counts: training images per class; None reads ``trainer.datamodule.class_counts`` in setup.
+        class_counts: training images per class, one per class in label order; None reads
+            ``trainer.datamodule.class_counts`` in setup. Either is checked against ``num_classes`` at once.
         sample_in_train_mode: keep the U-Net's dropout active while sampling, as T2H's evaluator does.
         **kwargs: :class:`Diffusion` arguments (``arch_overrides``, ``checkpoint``, optimizer, ...).
     """
@@ -207,24 +244,48 @@ class LongTailDDPM(Diffusion):
         super().__init__(arch=arch, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, sampler=sampler,
                          sample_steps=sample_steps, guidance_scale=guidance_scale, **kwargs)
         if label_drop not in LABEL_DROPS:
-            raise ValueError(f"label_drop must be one of {LABEL_DROPS}, got {label_drop!r}")
+            raise ConfigError(f"label_drop must be one of {LABEL_DROPS}, got {label_drop!r}")
         self.label_drop = label_drop
         self.class_dropout_prob = class_dropout_prob
-        self.class_counts = None if class_counts is None else [int(c) for c in class_counts]
+        self.class_counts = (None if class_counts is None
+                             else self.checked_class_counts(class_counts, "model.init_args.class_counts"))
         self.sample_in_train_mode = sample_in_train_mode
+
+    #: Whether the loss needs q(y) (the training class prior): T2H's gate, CBDM's y' ~ q(y).
+    needs_class_prior = False
+
+    def checked_class_counts(self, counts: Sequence[int], source: str) -> list[int]:
+        """``counts`` as ints, if they fit this model: one non-negative count per class, not all zero.
+
+        Raises:
+            ConfigError: naming ``source`` (where the counts came from) and what to fix.
+        """
+        counts = [int(c) for c in counts]
+        shown = counts if len(counts) <= 12 else [*counts[:5], "...", *counts[-5:]]
+        if len(counts) != self.num_classes:
+            raise ConfigError(f"{type(self).__name__} has num_classes={self.num_classes}, but {source} has "
+                              f"{len(counts)} class counts {shown}: give one count per class, in label order")
+        if min(counts, default=0) < 0 or sum(counts) <= 0:
+            raise ConfigError(f"{source} must be non-negative training-image counts, not all zero; got {shown}")
+        return counts
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.class_counts is None and self._trainer is not None:
             counts = getattr(self.trainer.datamodule, "class_counts", None)
-            self.class_counts = list(counts) if counts else None
+            if counts:  # checked here, not at the first loss
+                self.class_counts = self.checked_class_counts(counts, "the data module's class_counts")
+        if self.needs_class_prior and self.class_counts is None and stage != "predict":
+            raise ConfigError(f"{type(self).__name__} needs the training images per class of its {self.num_classes} "
+                              "classes: train on a labelled DiffusionDataModule (it provides class_counts) or pass "
+                              "model.init_args.class_counts")
 
     def class_prior(self) -> Tensor:
         """q(y): float32 ``[num_classes]`` training class frequencies, on the module's device."""
         if not self.class_counts or len(self.class_counts) != self.num_classes or sum(self.class_counts) <= 0:
-            raise ValueError(f"{type(self).__name__} needs the training images per class of its {self.num_classes} "
-                             f"classes, got class_counts={self.class_counts}: train on a labelled DiffusionDataModule "
-                             "(it provides class_counts) or pass model.init_args.class_counts")
+            raise ConfigError(f"{type(self).__name__} needs the training images per class of its {self.num_classes} "
+                              f"classes, got class_counts={self.class_counts}: train on a labelled "
+                              "DiffusionDataModule (it provides class_counts) or pass model.init_args.class_counts")
         counts = torch.tensor(self.class_counts, dtype=torch.float64, device=self.device)
         return (counts / counts.sum()).float()
 
@@ -258,8 +319,9 @@ class CBDM(LongTailDDPM):
     """Class-Balancing Diffusion Models (Qin et al.): DDPM + the class-balancing regulariser.
 
     Args:
-        tau: τ, the regulariser weight in λ_t = τ t / T (``--tau``; README for CIFAR-100-LT: 1.0).
-        gamma: γ, the commitment-term weight (hard-coded 0.25 in the code).
+        tau: τ ≥ 0, the regulariser weight in λ_t = τ t / T (``--tau``; README for CIFAR-100-LT: 1.0; 0 = DDPM).
+        gamma: γ ≥ 0, the commitment-term weight (hard-coded 0.25 in the code). A negative τ or γ would turn
+            the pull into a push, so both are refused.
         target_dist: where y' comes from: ``uniform`` (the paper's balanced target, default) or ``train`` (the
             training class prior, what the code does when training from scratch; it uses uniform for fine-tuning).
         **kwargs: :class:`LongTailDDPM` arguments.
@@ -268,10 +330,18 @@ class CBDM(LongTailDDPM):
     def __init__(self, tau: float = 1.0, gamma: float = 0.25, target_dist: str = "uniform", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if target_dist not in CBDM_TARGETS:
-            raise ValueError(f"target_dist must be one of {CBDM_TARGETS}, got {target_dist!r}")
+            raise ConfigError(f"target_dist must be one of {CBDM_TARGETS}, got {target_dist!r}")
+        for name, value in (("tau", tau), ("gamma", gamma)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"CBDM's {name} must be a finite number >= 0 (it weights a pull toward the other "
+                                  f"label's prediction; a negative one pushes away), got {name}={value}")
         if self.num_classes < 1:
-            raise ValueError("CBDM needs class labels; the data has none (num_classes = 0)")
-        self.tau, self.gamma, self.target_dist = tau, gamma, target_dist
+            raise ConfigError("CBDM needs class labels; the data has none (num_classes = 0)")
+        self.tau, self.gamma, self.target_dist = float(tau), float(gamma), target_dist
+
+    @property
+    def needs_class_prior(self) -> bool:  # type: ignore[override]
+        return self.target_dist == "train"
 
     def other_labels(self, batch: int) -> Tensor:
         """y' ``[batch]`` from ``target_dist``."""
@@ -295,24 +365,70 @@ class T2H(LongTailDDPM):
         cut_time: moves only at timesteps t < cut_time; -1 (the code's default) = at every t, 0 = never (DDPM).
         prior_power: β of the prior-weighted sampler W_ij ∝ q(y_j)^β exp(ℓ_ij) (``--transfer_tr_tau`` with
             ``--tr_tau``, 1.0 there); None (default) = the plain kernel. That sampler has no gate: use mode full.
+        conditional: False trains and samples an unconditional model (the paper's Table 1: Full / H2T / T2H):
+            the labels still drive the gate, but the net only ever gets the null label (no label drop, no
+            guidance). A DiT then needs its null row (class_dropout_prob > 0); the U-Net skips its label map.
         **kwargs: :class:`LongTailDDPM` arguments. The reference batch is this device's batch (batch_size matters).
+
+    Training logs ``train/transfer_rate`` (the share of re-targeted rows) and, on the steps the logger writes, the
+    rate per tenth of the timesteps, ``train/transfer_rate_t{lo}-{hi}`` (spec 6), pooled over the steps since the
+    last write (and over devices).
     """
 
+    needs_class_prior = True
+
     def __init__(self, transfer_mode: str = "t2h", cut_time: int = -1, prior_power: float | None = None,
-                 **kwargs: Any) -> None:
+                 conditional: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if transfer_mode not in TRANSFER_MODES:
-            raise ValueError(f"transfer_mode must be one of {TRANSFER_MODES}, got {transfer_mode!r}")
+            raise ConfigError(f"transfer_mode must be one of {TRANSFER_MODES}, got {transfer_mode!r}")
         if prior_power is not None and transfer_mode != "full":
-            raise ValueError(f"prior_power={prior_power} selects T2H's prior-weighted sampler, which has no gate; "
-                             f"set transfer_mode: full (got {transfer_mode!r})")
+            raise ConfigError(f"prior_power={prior_power} selects T2H's prior-weighted sampler, which has no gate; "
+                              f"set transfer_mode: full (got {transfer_mode!r})")
         if self.num_classes < 1:
-            raise ValueError("T2H needs class labels; the data has none (num_classes = 0)")
+            raise ConfigError("T2H needs class labels for its gate; the data has none (num_classes = 0)")
+        embedder = getattr(self.net, "y_embedder", None)
+        if not conditional and embedder is not None and getattr(embedder, "null_index", 0) is None:
+            raise ConfigError("T2H with conditional: false feeds the DiT its null label, but class_dropout_prob=0 "
+                              "built it without a null row; set class_dropout_prob > 0 (0.1)")
         self.transfer_mode, self.cut_time, self.prior_power = transfer_mode, cut_time, prior_power
+        self.conditional = bool(conditional)
+        self._transfer_counts: Tensor | None = None  # [2, TRANSFER_BUCKETS] swaps / samples since the last log
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         x0, labels = batch
-        drop = self.drop_mask(x0.shape[0])
-        return t2h_loss(self.denoiser, self.process, x0, labels, self.class_prior(),
-                        drop, self.transfer_mode, self.cut_time,
-                        self.prior_power)
+        drop = self.drop_mask(x0.shape[0]) if self.conditional else None
+        out = t2h_loss(self.denoiser, self.process, x0, labels, self.class_prior(), drop, self.transfer_mode,
+                       self.cut_time, self.prior_power, conditional=self.conditional)
+        if self.training:
+            counts = torch.stack([out["transfer_swaps"], out["transfer_samples"]])
+            self._transfer_counts = counts if self._transfer_counts is None else self._transfer_counts + counts
+        return {k: out[k] for k in ("loss", "mse", "vb", "transfer_rate")}  # the scalars, which get logged
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self._transfer_counts is not None and self._writes_logs_now():
+            self.log_transfer_histogram(batch_size=len(batch[0]))
+        return loss
+
+    def log_transfer_histogram(self, batch_size: int) -> dict[str, float]:
+        """Log (and return) the transfer rate of each timestep bucket hit since the last call, then reset."""
+        counts, self._transfer_counts = self._transfer_counts, None
+        if counts is None:
+            return {}
+        if self._trainer is not None:  # every rank gets here on the same steps (the logger's schedule)
+            counts = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
+        swaps, samples = counts.tolist()
+        rates = {f"train/transfer_rate_{name}": s / n
+                 for name, s, n in zip(transfer_bucket_names(self.process.original_num_timesteps), swaps, samples,
+                                       strict=True) if n > 0}
+        for name, rate in rates.items():
+            self.log(name, rate, batch_size=batch_size)
+        return rates
+
+    def guided_denoiser(self, labels: Tensor, guidance_scale: float,
+                        guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+        if self.conditional:
+            return super().guided_denoiser(labels, guidance_scale, guidance_channels)
+        null = torch.full_like(labels, -1)  # an unconditional model: no class, nothing to guide toward
+        return lambda x, t: self.denoiser(x, t, null)

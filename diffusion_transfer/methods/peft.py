@@ -17,7 +17,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..io.checkpoint import CheckpointError
-from ..io.peft_checkpoint import PEFT_KEY, base_path, expand_state, shrink_checkpoint
+from ..io.peft_checkpoint import (
+    PEFT_KEY,
+    base_path,
+    checkpoint_bytes,
+    expand_state,
+    require_base,
+    shrink_checkpoint,
+)
 
 
 class BaseReferencedCheckpoint:
@@ -46,16 +53,35 @@ class BaseReferencedCheckpoint:
     def _refers_to_base(self) -> bool:
         return bool(self._base_loaded or self.checkpoint)
 
+    def _base_file(self) -> str | None:
+        return self._base_loaded or self.checkpoint
+
+    def on_fit_start(self) -> None:
+        """Refuse a run whose checkpoints would refer to a base it does not have, before the first step.
+
+        Not in ``setup``: Lightning restores ``--ckpt_path`` after ``setup``, and resuming a PEFT checkpoint with
+        ``checkpoint: null`` is valid (the base then comes from the checkpoint's record, see
+        :meth:`on_load_checkpoint`); ``on_fit_start`` runs after that restore and before the sanity check.
+        """
+        super().on_fit_start()  # type: ignore[misc]
+        if self._refers_to_base():
+            require_base(self._base_file())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trained tensors (+ buffers, + keys the base lacks) and the base's path and fingerprint."""
+        """Keep only the trained tensors (+ buffers, + keys the base lacks) and the base's path and fingerprint.
+
+        Logs two sizes: the kept weights (``state_dict``, what sampling needs) and the whole checkpoint, which a
+        resumable training checkpoint makes about 4x larger with AdamW's two moments and the EMA's raw weights.
+        """
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         if not self._refers_to_base():
             return
-        record = shrink_checkpoint(checkpoint, self, self._base_loaded or self.checkpoint,  # type: ignore[arg-type]
-                                   self._not_in_base)
+        record = shrink_checkpoint(checkpoint, self, self._base_file(), self._not_in_base)
         stored, total = record["stored_parameters"], record["total_parameters"]
+        weights, whole = checkpoint_bytes(checkpoint["state_dict"]), checkpoint_bytes(checkpoint)
         rank_zero_info(f"checkpoint refers to base {record['base']}: stores {stored:,} of {total:,} parameters "
-                       f"({100 * stored / total:.2f}%), ~{4 * stored / 2**20:.2f} MiB of fp32 tensors")
+                       f"({100 * stored / total:.2f}%), {_size(weights)} of weights; with the optimizer and EMA "
+                       f"state the file holds {_size(whole)} of tensors")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Re-attach to the base: ``checkpoint`` if that file exists, else the recorded path; refuse another base."""
@@ -88,3 +114,7 @@ class BaseReferencedCheckpoint:
         torch.save(saved, buffer)  # small: the trained tensors only
         buffer.seek(0)
         return cls.load_from_checkpoint(buffer, **kwargs)  # type: ignore[attr-defined]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB ({n:,} bytes)"

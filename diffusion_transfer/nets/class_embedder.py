@@ -105,16 +105,28 @@ class TieredLabelEmbedder(nn.Module):
         self.class_to_super.copy_(torch.tensor(values, dtype=torch.int64))
 
     def superclass_token(self, labels: Tensor) -> Tensor:
-        """Table index of each label's superclass row, N + π(y): [B] class labels -> [B] int64."""
+        """Table index of each label's superclass row, N + π(y): [B] class labels -> [B] int64.
+
+        Checked on every device, with one host sync per call (once per sampling call, not per step): an unset
+        map (-1) would otherwise silently give token N - 1, the last fine class.
+
+        Raises:
+            ValueError: a label outside 0..N-1, or a label whose class has no superclass yet.
+        """
         labels = labels.long()
-        if labels.device.type == "cpu" and labels.numel():
-            if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+        if not labels.numel():
+            return labels
+        outside = (labels < 0) | (labels >= self.num_classes)
+        supers = self.class_to_super[labels.clamp(0, self.num_classes - 1)]
+        if bool(outside.any() | (supers < 0).any()):  # the one sync; the details below only on error
+            if bool(outside.any()):
                 raise ValueError(f"superclass tokens exist for class labels 0..{self.num_classes - 1}, got "
                                  f"{labels.min().item()}..{labels.max().item()}")
-            if int(self.class_to_super[labels].min()) < 0:
-                raise ValueError("the class -> superclass map is not set; give it (FineDiffusion reads it from the "
-                                 "data module) before training or sampling with superclass tokens")
-        return self.num_classes + self.class_to_super[labels]
+            unset = int(labels[supers < 0][0])
+            raise ValueError(f"the class -> superclass map is not set (class {unset} has none); give it "
+                             "(FineDiffusion reads it from the data module) before training or sampling with "
+                             "superclass tokens")
+        return self.num_classes + supers
 
     # ------------------------------------------------------------------------------------------ forward
     def drop_labels(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:

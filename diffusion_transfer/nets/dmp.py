@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .dit import BlockHook, DiT
 
 __all__ = ["MixtureOfPrompts", "balance_loss", "select_blocks"]
@@ -51,16 +52,34 @@ def balance_loss(gates: Tensor) -> Tensor:
     return importance.var() / (importance.mean() ** 2 + CV_EPS)
 
 
-def select_blocks(depth: int, blocks: str | Sequence[int] = "all") -> list[int]:
-    """Sorted block indices to patch: ``"all"`` = 0..depth-1, an int k = the first k blocks (the reference's
-    ``pt_depth``), or an explicit list. Raises ValueError on an empty, repeated or out-of-range choice."""
-    if blocks == "all":
-        return list(range(depth))
+def select_blocks(depth: int, blocks: str | int | Sequence[int] = "all") -> list[int]:
+    """Sorted block indices to patch: ``"all"`` = 0..depth-1, a count k in 1..depth = the first k blocks (the
+    reference's ``pt_depth``; a digit string such as ``"2"``, as the command line may pass it, counts too), or an
+    explicit list of distinct indices in 0..depth-1.
+
+    Raises:
+        ConfigError: anything else (a bool, another string, an empty, repeated or out-of-range choice).
+    """
+    what = "patched_blocks must be 'all', a count of blocks or a list of block indices"
     if isinstance(blocks, str):
-        raise ValueError(f"patched_blocks must be 'all', a count or a list of block indices, got {blocks!r}")
-    chosen = list(range(blocks)) if isinstance(blocks, int) else sorted(int(b) for b in blocks)
+        text = blocks.strip()
+        if text == "all":
+            return list(range(depth))
+        if not (text.isascii() and text.isdigit()):
+            raise ConfigError(f"{what}, got {blocks!r}")
+        blocks = int(text)
+    if isinstance(blocks, bool):
+        raise ConfigError(f"{what}, got {blocks!r}")
+    if isinstance(blocks, int):
+        if not 1 <= blocks <= depth:
+            raise ConfigError(f"patched_blocks {blocks} must be a count in 1..{depth} (the model's depth)")
+        return list(range(blocks))
+    if not isinstance(blocks, Sequence) or any(isinstance(b, bool) or not isinstance(b, int) for b in blocks):
+        raise ConfigError(f"{what}, got {blocks!r}")
+    chosen = sorted(blocks)
     if not chosen or len(set(chosen)) != len(chosen) or chosen[0] < 0 or chosen[-1] >= depth:
-        raise ValueError(f"patched_blocks {blocks!r} must pick distinct blocks in 0..{depth - 1} (at least one)")
+        raise ConfigError(f"patched_blocks {list(blocks)!r} must pick distinct blocks in 0..{depth - 1} "
+                          f"(at least one)")
     return chosen
 
 
@@ -74,28 +93,30 @@ class MixtureOfPrompts(nn.Module):
         blocks: which blocks get a pool (:func:`select_blocks`; reference ``pt_depth``, paper: all).
         gating: mix the prompts with the gate (DMP, reference ``gate_type: linear``); False = naive prompt
             tuning (``PT``), which builds no gate.
-        noisy_gating: add the learned gate noise in training (reference: always on).
+        noisy_gating: add the learned gate noise in training (reference: always on); only with ``gating``.
 
-    Parameters (reference names): ``prompt_embeddings`` [L_p, N, D]; ``gate`` Linear(D + 1 -> N);
-    ``w_noise`` [D, N]. All zero-initialised.
+    Parameters (reference names): ``prompt_embeddings`` [L_p, N, D]; ``gate`` Linear(D + 1 -> N) when gated;
+    ``w_noise`` [D, N] when gated with noise (never built otherwise: a parameter that gets no gradient would
+    break DDP's ``find_unused_parameters=False`` and inflate counts and checkpoints). All zero-initialised.
     """
 
-    def __init__(self, depth: int, num_tokens: int, hidden_size: int, blocks: str | Sequence[int] = "all",
+    def __init__(self, depth: int, num_tokens: int, hidden_size: int, blocks: str | int | Sequence[int] = "all",
                  gating: bool = True, noisy_gating: bool = True) -> None:
         super().__init__()
         self.blocks = select_blocks(depth, blocks)
         self.num_tokens, self.hidden_size = num_tokens, hidden_size
-        self.gating, self.noisy_gating = gating, noisy_gating
+        self.gating, self.noisy_gating = gating, gating and noisy_gating
         self.row = {block: row for row, block in enumerate(self.blocks)}  # block index -> pool of prompts
         self.prompt_embeddings = nn.Parameter(torch.zeros(len(self.blocks), num_tokens, hidden_size))
         if gating:
             self.gate = nn.Linear(hidden_size + 1, num_tokens)
-            self.w_noise = nn.Parameter(torch.zeros(hidden_size, num_tokens))
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        if self.noisy_gating:
+            self.w_noise = nn.Parameter(torch.zeros(hidden_size, num_tokens))
 
     @classmethod
-    def for_dit(cls, net: DiT, blocks: str | Sequence[int] = "all", **kwargs: Any) -> MixtureOfPrompts:
+    def for_dit(cls, net: DiT, blocks: str | int | Sequence[int] = "all", **kwargs: Any) -> MixtureOfPrompts:
         """A patch sized for ``net``: one prompt per patch token (N = ``net.num_patches``), D = its width."""
         return cls(len(net.blocks), net.num_patches, net.hidden_size, blocks, **kwargs)
 
@@ -137,7 +158,8 @@ class MixtureOfPrompts(nn.Module):
         return net(x, t, y, block_hook=self.hook(gates), **kwargs)
 
     def num_added(self, with_noise: bool = False) -> int:
-        """Parameters the patch adds: prompts + gate, as the paper counts them; ``with_noise`` adds W_noise."""
+        """Parameters the patch adds: prompts + gate, as the paper counts them; ``with_noise`` adds W_noise (if
+        built: with ``noisy_gating``)."""
         return sum(p.numel() for name, p in self.named_parameters() if with_noise or name != "w_noise")
 
     def extra_repr(self) -> str:

@@ -21,18 +21,28 @@ preset                trains                                 DiT-XL/2, 10,000 + 
 
 Rules are by module type, not by substring, so a future ``q_norm`` Identity or a module named ``*bias*`` is
 not caught by accident (spec pitfall 6). A list of ``fnmatch`` patterns over parameter names is accepted too.
+
+A preset may need tensors that an official DiT lacks (spec §2.6: on vanilla DiT ``norm`` selects nothing):
+:func:`preset_arch` gives the DiT arguments that create them (``finediffusion``: ``norm_affine``; ``difffit``:
+``branch_scales``), :func:`keys_not_in_dit` the parameter names a base DiT file may therefore lack (they start
+at the identity), and :func:`select_trainable` refuses a preset whose defining group (``DEFINING``) is empty
+instead of silently training BitFit's tensors. FineDiffusion and DiffTuning both build and load through these.
 Pure torch: nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-__all__ = ["PRESETS", "Selection", "parameter_groups", "select_trainable"]
+from ..errors import ConfigError
+
+__all__ = ["DEFINING", "PRESETS", "Selection", "canonical_preset", "keys_not_in_dit", "parameter_groups",
+           "preset_arch", "select_trainable"]
 
 #: Fixed tables that never train, whatever the selection.
 NEVER = ("pos_embed",)
@@ -45,6 +55,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 #: Older names (Diff-Tuning's presets) kept working.
 ALIASES = {"all": "full", "bias": "bitfit", "bias_norm": "finediffusion"}
+#: Preset -> the group that tells it apart from ``bitfit``; an empty one is a configuration error.
+DEFINING = {"finediffusion": "norm", "difffit": "gamma"}
+_NEEDS = {"norm": "LayerNorm affine parameters, which a DiT has only with norm_affine: true (FineDiffusion and "
+                  "DiffTuning set it for this preset unless arch_overrides turns it off)",
+          "gamma": "DiffFit branch scales γ, which a DiT has only with branch_scales >= 1 (FineDiffusion and "
+                   "DiffTuning set it from difffit_depth unless arch_overrides turns it off)"}
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
           *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
@@ -88,14 +104,68 @@ def parameter_groups(model: nn.Module, label_embedder: str = "y_embedder") -> di
     return groups
 
 
-def resolve(selection: str | Sequence[str], model: nn.Module) -> set[str]:
-    """The parameter names a preset name (or an ``fnmatch`` pattern list) selects, before ``NEVER`` is removed."""
+def canonical_preset(selection: str | Sequence[str]) -> str | None:
+    """The preset a selection names (aliases resolved), or None for a pattern list.
+
+    Raises:
+        ConfigError: an unknown preset name.
+    """
+    if not isinstance(selection, str):
+        return None
+    preset = ALIASES.get(selection, selection)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown trainable preset {selection!r}; choose one of "
+                          f"{', '.join([*PRESETS, *ALIASES])} or give a list of parameter-name patterns")
+    return preset
+
+
+def preset_arch(selection: str | Sequence[str], difffit_depth: int = 14,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """DiT arguments (``arch_overrides``) for a selection: what the preset needs, then ``overrides`` on top.
+
+    ``finediffusion`` switches the LayerNorm affines on (spec §2.4), ``difffit`` adds γ to blocks
+    0..``difffit_depth``-1 (spec §6: LN affine stays off, as vanilla DiT); the other presets and pattern lists
+    change nothing. An explicit key in ``overrides`` wins (e.g. ``{norm_affine: true}`` for DiffFit with LN).
+
+    Raises:
+        ConfigError: unknown preset, or a negative ``difffit_depth`` with ``difffit``.
+    """
+    preset = canonical_preset(selection)
+    needed: dict[str, Any] = {}
+    if preset == "finediffusion":
+        needed["norm_affine"] = True
+    elif preset == "difffit":
+        if difffit_depth < 0:
+            raise ConfigError(f"difffit_depth must be >= 0 (blocks 0..k-1 get DiffFit's γ; Diff-Tuning: 14), "
+                              f"got {difffit_depth}")
+        needed["branch_scales"] = difffit_depth
+    return {**needed, **(overrides or {})}
+
+
+def keys_not_in_dit(model: nn.Module) -> list[str]:
+    """Parameter names of ``model`` that an official DiT file lacks: LayerNorm affines and DiffFit γ.
+
+    They are built at the identity (weight 1, bias 0, γ = 1), so a base file may leave them out; pass them as
+    ``allow_missing`` when loading it (every other missing key stays an error).
+    """
     groups = parameter_groups(model)
-    if isinstance(selection, str):
-        preset = ALIASES.get(selection, selection)
-        if preset not in PRESETS:
-            raise ValueError(f"unknown trainable preset {selection!r}; choose one of "
-                             f"{', '.join([*PRESETS, *ALIASES])} or give a list of parameter-name patterns")
+    return sorted(groups["norm"] | groups["gamma"])
+
+
+def resolve(selection: str | Sequence[str], model: nn.Module) -> set[str]:
+    """The parameter names a preset name (or an ``fnmatch`` pattern list) selects, before ``NEVER`` is removed.
+
+    Raises:
+        ConfigError: unknown preset, or a preset whose defining group (:data:`DEFINING`) is empty in ``model``.
+    """
+    groups = parameter_groups(model)
+    preset = canonical_preset(selection)
+    if preset is not None:
+        defining = DEFINING.get(preset)
+        if defining is not None and not groups[defining]:
+            raise ConfigError(f"trainable preset {selection!r} trains {_NEEDS[defining]}; this net has none, so "
+                              "it would train exactly BitFit's tensors. Build the net with them, or choose "
+                              "'bitfit'")
         return set().union(*(groups[g] for g in PRESETS[preset]))
     patterns = tuple(selection)
     return {n for n in groups["all"] if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
@@ -114,11 +184,12 @@ def select_trainable(model: nn.Module, selection: str | Sequence[str], verbose: 
         The :class:`Selection` (names, trainable and total element counts).
 
     Raises:
-        ValueError: unknown preset, or a selection that picks no parameter.
+        ConfigError: unknown preset, a preset whose defining group is empty (``finediffusion`` without LN
+            affine, ``difffit`` without γ), or a selection that picks no parameter.
     """
     chosen = resolve(selection, model) - set(NEVER)
     if not chosen:
-        raise ValueError(f"trainable {selection!r} selects no parameter of the net")
+        raise ConfigError(f"trainable {selection!r} selects no parameter of the net")
     trainable = total = 0
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)

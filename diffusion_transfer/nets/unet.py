@@ -457,6 +457,12 @@ class UNet(nn.Module):
         init(self.head()[1], st.zero_gain)
         if st.init == "kaiming":
             init(self.map_augment, st.zero_gain)
+        if st in (STYLES["ddpm"], STYLES["dhariwal"]) and self.map_label is not None:
+            # Both start the bias-free label map at N(0, 1): pytorch-ddpm / CBDM / T2H embed the class with
+            # nn.Embedding, whose default init their initialize() leaves alone (longtail.md 2.2), and EDM's
+            # DhariwalUNet uses kaiming_normal x sqrt(label_dim), i.e. std 1. Xavier / PyTorch's default would
+            # start it ~16x smaller for 10 classes.
+            nn.init.normal_(self.map_label.weight, 0.0, 1.0)
 
     def _conditioning(self, emb: Tensor, site: str, labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
         if labels is not None and self.style.label_site == site:
@@ -535,7 +541,8 @@ class DDPMUNet(UNet):
     Defaults are the paper settings: ch 128 (``model_channels``), ch_mult (1, 2, 2, 2), attention at 16x16
     (``attn=[1]`` at 32 px; here ``attn_resolutions``), 2 residual blocks per level (3 in the decoder), dropout
     0.1, time embedding 128 -> 512 -> 512. The class embedding (``label_dim`` = num_class) is added to the time
-    embedding and has no null row: None / -1 skips it; ``augment_dim=9`` is CBDM's ``--augm`` vector.
+    embedding and has no null row: None / -1 skips it; ``augment_dim=9`` is CBDM's ``--augm`` vector. Init:
+    Xavier-uniform, except the label map, which starts N(0, 1) like the ``nn.Embedding`` it stands for.
     """
 
     defaults: dict[str, Any] = dict(model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=2,
