@@ -153,7 +153,8 @@ class DiffusionLightningBase(L.LightningModule):
         return loss
 
     def require_finite(self, loss: Tensor, name: str = "loss",
-                       hint: str = "lower the learning rate (model.init_args.optimizer.init_args.lr)") -> None:
+                       hint: str = "lower the learning rate (model.init_args.optimizer.init_args.lr), prefer "
+                                   "bf16-mixed to 16-mixed, or clip gradients (trainer.gradient_clip_val)") -> None:
         """Stop with the step number and a hint when ``loss`` is NaN or infinite (the same decision on every rank).
 
         Raises:
@@ -164,10 +165,8 @@ class DiffusionLightningBase(L.LightningModule):
         if self._trainer is not None:
             non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
         if non_finite:
-            raise FloatingPointError(
-                f"{type(self).__name__}: the {name} is {loss.item()} at step {self.global_step}; {hint}, prefer "
-                "bf16-mixed to 16-mixed, or clip gradients (trainer.gradient_clip_val)"
-            )
+            raise FloatingPointError(f"{type(self).__name__}: the {name} is {loss.item()} at step {self.global_step}; "
+                                     f"{hint}")
 
     # ------------------------------------------------------------------------------------ sampling
 

@@ -301,21 +301,6 @@ class DiffInstruct(EDMDiffusion):
     def on_predict_start(self) -> None:
         self._load_deferred_teacher()
 
-    def require_finite(self, loss: Tensor, name: str = "loss",
-                       hint: str = "lower the learning rates (model.init_args.lr / glr)") -> None:
-        """Stop with the step number when ``loss`` is NaN or infinite (the same decision on every rank).
-
-        The hint names the learning rates only: Lightning refuses ``gradient_clip_val`` under manual optimisation.
-
-        Raises:
-            FloatingPointError: the loss is not finite.
-        """
-        non_finite = not bool(torch.isfinite(loss))
-        if self._trainer is not None:
-            non_finite = self.trainer.strategy.reduce_boolean_decision(non_finite, all=False)
-        if non_finite:
-            raise FloatingPointError(f"DiffInstruct: the {name} is {loss.item()} at step {self.global_step}; {hint}")
-
     def on_fit_start(self) -> None:
         if not self._pretrained_loaded:
             raise CheckpointError("DiffInstruct needs a teacher to fit: set model.init_args.checkpoint to an "
@@ -380,7 +365,8 @@ class DiffInstruct(EDMDiffusion):
                                              ("generator_loss", opt_generator, self.generator_loss)):
                 with self.toggled_optimizer(optimizer):
                     loss = compute(labels, n)
-                    self.require_finite(loss, name)
+                    # Only the learning rates: Lightning refuses gradient_clip_val under manual optimisation.
+                    self.require_finite(loss, name, "lower the learning rates (model.init_args.lr / glr)")
                     optimizer.zero_grad(set_to_none=True)
                     self.manual_backward(loss)
                     optimizer.step()  # on_before_optimizer_step replaces NaN/Inf gradients first
