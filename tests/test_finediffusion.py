@@ -490,6 +490,15 @@ def test_a_finediffusion_base_keeps_its_tiered_table_but_never_its_map(tmp_path:
     assert fresh.shape == dit.y_embedder.embedding_table.weight.shape
     flat.load_weights(str(tmp_path / "dit32.pt"))
     assert torch.equal(flat.net.y_embedder.embedding_table.weight, fresh)
+    # One superclass: a flat DiT table (32 classes + ∅ = 33 rows) has the tiered shape, but it is no tiered table
+    # (the file has no superclass map), so it is not kept either.
+    one = tiny_model(num_superclasses=1, superclasses=[0] * 32)
+    assert one.net.y_embedder.embedding_table.weight.shape == dit.y_embedder.embedding_table.weight.shape
+    one.load_weights(str(tmp_path / "dit32.pt"))
+    table = one.net.y_embedder.embedding_table.weight
+    assert not torch.equal(table, dit.y_embedder.embedding_table.weight)
+    assert abs(table.std().item() - 0.02) < 0.004  # a fresh N(0, 0.02²) table
+    assert torch.equal(one.net.blocks[1].attn.qkv.weight, dit.blocks[1].attn.qkv.weight)
 
 
 def test_a_base_of_another_width_names_the_mismatch(tmp_path: Path) -> None:

@@ -83,10 +83,9 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
             (:data:`PRESET_LR`: 1e-3 for ``difffit``, else :data:`DEFAULT_LR` 1e-4). A given optimizer keeps its
             own lr whatever the preset.
         **kwargs: :class:`Diffusion` arguments; ``arch`` must be a DiT. ``checkpoint`` is the base DiT: its
-            label table is re-initialised (kept only when it already has the tiered table's shape, e.g. a
-            FineDiffusion checkpoint imported as base; with S = 1 a flat DiT table of the same N fits too), its
-            superclass map is never read, LN affine / γ it lacks start at the identity. ``class_dropout_prob``
-            is the tiered dropout.
+            label table is re-initialised (kept only from a tiered file of the same shape, e.g. a FineDiffusion
+            checkpoint imported as base), its superclass map is never read, and the LN affine / γ it lacks
+            start at the identity. ``class_dropout_prob`` is the tiered dropout.
     """
 
     def __init__(
@@ -170,15 +169,20 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
     def load_base_weights(self, path: str) -> str:
         """The base DiT: strict, except the label table, the superclass map and the keys the preset adds.
 
-        The table stays fresh unless the file's already has the tiered table's shape (then it is loaded); a
-        flat table (``tiered: false``) is always fresh (the paper's rule). The file's ``class_to_super`` is never
+        The table stays fresh unless the file holds a tiered table (it has a superclass map) of the same shape;
+        a flat table (``tiered: false``) is always fresh (the paper's rule). The file's ``class_to_super`` is never
         read: the map comes from the init argument or the data. LN affine / γ the file lacks keep their identity
         init; every other missing or shape-different key fails the load.
         """
         report = load_dit_checkpoint(self.net, path, ignore_keys=[_MAP] if self.tiered else [_MAP, _TABLE],
                                      ignore_mismatched=[_TABLE] if self.tiered else [],
                                      allow_missing=[_TABLE, _MAP, *keys_not_in_dit(self.net)])
-        if self.tiered and _TABLE not in report.ignored and _TABLE not in report.missing:
+        kept = self.tiered and _TABLE not in report.ignored and _TABLE not in report.missing
+        if kept and _MAP not in report.ignored:
+            # A flat DiT table can have the tiered shape (N classes + ∅ = N + 1 superclass row); only a file with a
+            # superclass map holds a tiered table, so this one starts fresh like any flat table.
+            torch.nn.init.normal_(self.net.y_embedder.embedding_table.weight, std=0.02)
+        elif kept:
             rank_zero_info(f"FineDiffusion: kept the class table of {path}: it has the tiered table's shape "
                            f"{tuple(self.net.y_embedder.embedding_table.weight.shape)}")
         self._not_in_base = [f"net.{k}" for k in report.missing]
