@@ -71,7 +71,10 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
     step = int(torch.load(args.pretrained, map_location="cpu", weights_only=True)["global_step"])
     checkpoint, curve = args.pretrained, []
     while True:
-        result = evaluate(PRETRAIN, checkpoint, args, arch, args.work / "metrics" / f"converge-step{step}.json")
+        output = args.work / "metrics" / f"converge-step{step}.json"
+        # A rerun with a larger --max-chunks reuses the chunks (and their FIDs) it already has.
+        result = ({k: json.loads(output.read_text())["metrics"][k] for k in METRICS} if output.exists()
+                  else evaluate(PRETRAIN, checkpoint, args, arch, output))
         curve.append({"step": step, **result})
         print(f"convergence: step {step}, FID {result['fid']:.3f}")
         fids = [point["fid"] for point in curve]
