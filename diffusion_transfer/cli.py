@@ -20,7 +20,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 # Imported so that short class names resolve (jsonargparse only sees subclasses that exist).
 from . import methods  # noqa: F401
@@ -42,6 +42,25 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(TrainableEMA, "ema")
         parser.add_lightning_class_args(ImageWriter, "writer")
         parser.add_lightning_class_args(GenerativeEvaluation, "metrics")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # Remember the model options the command line sets: they must win over a --ckpt_path's hyper-parameters.
+        tokens = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []
+        self._command_line_model_options = _model_options(tokens)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning lays the hyper-parameters stored in a ``--ckpt_path`` over the whole model config; keep the model
+        options given on the command line on top (predict's ``sampler``/``sample_steps``, ``checkpoint null``...)."""
+        subcommand = self.config.get("subcommand")
+        names = getattr(self, "_command_line_model_options", set())
+        if not subcommand or not names:
+            return super()._parse_ckpt_path()
+        given = self.config[subcommand].get("model.init_args")
+        kept = {name: given[name] for name in names if given is not None and name in given}
+        super()._parse_ckpt_path()
+        for name, value in kept.items():
+            self.config[subcommand][f"model.init_args.{name}"] = value
 
     def _prepare_subcommand_parser(self, trainer_class, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)
@@ -102,6 +121,17 @@ def main(args: Sequence[str] | None = None) -> None:
         # Expected problems with inputs: the message names the file or step and the fix; no traceback.
         print(f"diffusion-transfer: error: {expected}", file=sys.stderr)
         sys.exit(2)
+
+
+def _model_options(tokens: Sequence[object]) -> set[str]:
+    """Top-level model init-arg names set by ``--model.init_args.NAME[.sub]`` or ``--model.NAME`` tokens."""
+    names = set()
+    for token in tokens:
+        if isinstance(token, str) and token.startswith("--model."):
+            name = token[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+            if name and name not in ("class_path", "init_args", "dict_kwargs", "help"):
+                names.add(name)
+    return names
 
 
 _EXPECTED = (ConfigError, DatasetError, CheckpointError, MetricError, FileNotFoundError, FloatingPointError)

@@ -72,6 +72,26 @@ def test_fit_then_predict_writes_pngs_and_zip(shapes_zip: Path, tmp_path: Path, 
     assert len(ZipImageDataset(tmp_path / "second.zip")) == 2
 
 
+def test_command_line_sampling_options_win_over_the_checkpoints(shapes_zip: Path, tmp_path: Path) -> None:
+    # Lightning lays a --ckpt_path's stored hyper-parameters over the config; options typed on the command line must
+    # still apply (the README's `predict ... --model.init_args.sampler ddpm --model.init_args.sample_steps 250`).
+    config = tiny_config(tmp_path, shapes_zip)
+    main(["fit", "--config", str(config)])
+    checkpoint = str(tmp_path / "ckpt" / "last.ckpt")
+
+    def predict(name: str, *options: str) -> list[bytes]:
+        main(["predict", "--config", str(config), "--ckpt_path", checkpoint, "--data.init_args.predict_seeds", "0-3",
+              "--writer.output_dir", str(tmp_path / name), *options])
+        return [p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))]
+
+    stored = predict("stored")  # the checkpoint's own settings: ddim, 4 steps
+    assert predict("same", "--model.init_args.sample_steps", "4") == stored
+    assert predict("fewer", "--model.init_args.sample_steps", "1") != stored
+    assert predict("ddpm", "--model.init_args.sampler=ddpm") != stored
+    cli = build_cli(["--config", str(config), "--model.init_args.sample_steps", "1"], run=False)
+    assert cli.model.sampling["steps"] == 1
+
+
 def test_predict_label_outside_model_is_a_clear_error(shapes_zip: Path, tmp_path: Path, capsys) -> None:
     config = tiny_config(tmp_path, shapes_zip)
     with pytest.raises(SystemExit) as exit_info:
