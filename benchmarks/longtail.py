@@ -14,7 +14,7 @@ sigma); the spec's U-Net recipe is configs/longtail/*_cifar10lt.yaml. Evaluation
 Protocol, for each seed s and each method (configs/longtail/{ddpm,cbdm,t2h}_shapes.yaml):
 1. training data: the "outline" shapes (runs/demo/shapes-outline-16.zip, 200 images per class) cut to the long-tailed
    subset of ``--imbalance`` 0.01 by the data module (``longtail_imbalance``, as ``diffusion-transfer-data
-   longtail``): class c keeps int(200 * 0.01^(c/19)) images, 200 for class 0 down to 2 for class 19, 812 in all;
+   longtail``): class c keeps int(200 * 0.01^(c/19)) images, 200 for class 0 down to 2 for class 19, 911 in all;
 2. the model: the small DiT pre-trained on balanced "filled" shapes (runs/demo/checkpoints/pretrained-filled.ckpt),
    fine-tuned for ``--steps`` steps (batch 64, AdamW 5e-4, EMA 0.99, training seed s), the same for the three
    methods: whole-batch label drop 0.1; CBDM adds its regulariser (tau 1, gamma 1/4, y' uniform); T2H re-targets eps

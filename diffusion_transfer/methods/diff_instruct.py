@@ -390,8 +390,8 @@ class DiffInstruct(EDMDiffusion):
         ``init_sigma``, if given, must be the trained value."""
         init_sigma = sampling.pop("init_sigma", None)
         if init_sigma is not None and float(init_sigma) != self.init_sigma:
-            raise ValueError(f"this generator was trained with init_sigma={self.init_sigma} and cannot be sampled "
-                             f"with {init_sigma}: σ_init is part of the model")
+            raise ConfigError(f"this generator was trained with init_sigma={self.init_sigma} and cannot be sampled "
+                              f"with {init_sigma}: σ_init is part of the model")
         if sampling.get("sampler", self.sampling["sampler"]) != ONE_STEP:
             return super().generate(noise, labels, generators, **sampling)
         unknown = set(sampling) - set(self.sampling) - {"progress"}
