@@ -10,7 +10,10 @@ with full fine-tuning or naive prompt tuning, and better with DMP. Protocol, all
 2. convergence: the pre-training run (configs/diffusion/shapes16_pretrain.yaml: lr 1e-3, EMA 0.995) is resumed from
    its checkpoint (``runs/demo``; trained here when missing) in chunks of ``--chunk`` steps, with the FID of its EMA
    weights after each chunk, until ``--patience`` chunks in a row fail to beat the best FID so far by more than
-   ``--tol`` (relative), or ``--max-chunks`` chunks. Its last checkpoint is the converged model;
+   ``--tol`` (relative). Its last checkpoint is the converged model. If the FID is still improving after
+   ``--max-chunks`` chunks the script stops without comparing (``--allow-unconverged`` compares anyway). Chunks and
+   their FIDs already in the work folder are reused, so a rerun with a larger ``--max-chunks`` continues; resume is
+   exact, so the chunk size changes only where the FID is measured;
 3. for each seed, ``--steps`` more steps from the converged model on the same data, batch 64, raw weights (no EMA,
    as the paper), constant lr: DMP (configs/dmp/shapes.yaml: prompts 1e-4, gate 1e-3, balance loss weight 1), naive
    prompt tuning (the same, ``gating: false``) and full fine-tuning (the pre-training config at lr 1e-4);
@@ -121,10 +124,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="further-training steps of each run (batch 64)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every method's learning rates")
-    parser.add_argument("--chunk", type=int, default=800, help="steps between FIDs in the convergence phase")
+    parser.add_argument("--chunk", type=int, default=1600, help="steps between FIDs in the convergence phase")
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--tol", type=float, default=0.03, help="relative FID gain that counts as improving")
-    parser.add_argument("--max-chunks", type=int, default=10)
+    parser.add_argument("--max-chunks", type=int, default=16)
     parser.add_argument("--allow-unconverged", action="store_true",
                         help="compare the methods even if the FID was still improving after --max-chunks chunks")
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
