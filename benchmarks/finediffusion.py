@@ -232,7 +232,7 @@ def main() -> None:
                           "rss_growth_mb: its growth during the fit"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    full_ms = cost.get("full fine-tuning", next(iter(cost.values())))["step_ms"]
+    full_ms = cost["full fine-tuning"]["step_ms"] if "full fine-tuning" in cost else None  # absent with --methods
     print(f"\n| method | guidance (s = {args.guidance_scale}) | FID ({args.num_images} images) | class accuracy | "
           "trainable | stored | checkpoint | step time (speed-up vs full) | peak RSS (growth in fit) |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -240,11 +240,11 @@ def main() -> None:
         method = name.removesuffix(", CFG")
         c = cost[method]
         guidance = "CFG" if name.endswith(", CFG") or "--model.init_args.tiered" in METHODS[method] else "superclass"
+        speed_up = f"{full_ms / c['step_ms']:.2f}x" if full_ms else "n/a"
         print(f"| {method} | {guidance} | {s['fid']['mean']:.2f} ± {s['fid']['std']:.2f} | "
               f"{s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | {100 * c['trainable'] / c['total']:.2f}% | "
               f"{100 * s['stored_share']['mean']:.2f}% | {s['checkpoint_bytes']['mean'] / 2**20:.2f} MiB | "
-              f"{c['step_ms']:.0f} ms ({full_ms / c['step_ms']:.2f}x) | {c['peak_rss_mb']:.0f} MB "
-              f"(+{c['rss_growth_mb']:.0f}) |")
+              f"{c['step_ms']:.0f} ms ({speed_up}) | {c['peak_rss_mb']:.0f} MB (+{c['rss_growth_mb']:.0f}) |")
     print(f"seeds: {seeds}; {args.steps} steps at batch {args.batch}; wrote {args.out} ({record['minutes']} min)")
 
 
