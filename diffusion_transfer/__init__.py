@@ -43,6 +43,7 @@ _EXPORTS = {
     "frechet_distance": "diffusion_transfer.metrics",
     "TrainableEMA": "diffusion_transfer.callbacks",
     "ImageWriter": "diffusion_transfer.callbacks",
+    "FinalCheckpoint": "diffusion_transfer.callbacks",
     "DatasetError": "diffusion_transfer.data",
     "DiffusionDataModule": "diffusion_transfer.data",
     "ImageDataset": "diffusion_transfer.data",

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from operator import attrgetter
@@ -24,12 +25,13 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 # Imported so that short class names resolve (jsonargparse only sees subclasses that exist).
 from . import methods  # noqa: F401
-from .callbacks import GenerativeEvaluation, ImageWriter, TrainableEMA
+from .callbacks import FinalCheckpoint, GenerativeEvaluation, ImageWriter, TrainableEMA
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
 from .errors import ConfigError
 from .io.checkpoint import CheckpointError
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
+from .runtime import default_precision
 
 
 class DiffusionCLI(LightningCLI):
@@ -62,6 +64,18 @@ class DiffusionCLI(LightningCLI):
         for name, value in kept.items():
             self.config[subcommand][f"model.init_args.{name}"] = value
 
+    def before_instantiate_classes(self) -> None:
+        # A config without trainer.precision gets the machine's fast path (bf16-mixed on native-bf16 hardware);
+        # an explicit value, in the file or on the command line, is never replaced.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None or trainer.get("precision") is not None:
+            return
+        precision, reason = default_precision(trainer.get("accelerator"))
+        trainer["precision"] = precision
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks rerun this CLI: say it once
+            print(f"precision: {precision} ({reason}; --trainer.precision overrides)")
+
     def _prepare_subcommand_parser(self, trainer_class, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)
         if subcommand == "predict":
@@ -79,8 +93,9 @@ class DiffusionCLI(LightningCLI):
         grids = sorted(Path(log_dir or ".").glob("samples/step*.png"))
         if grids:
             lines.append(f"sample grid: {grids[-1]}")
+        finals = [c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint) and c.path.exists()]
         callback = trainer.checkpoint_callback
-        checkpoint = callback and (callback.best_model_path or callback.last_model_path)
+        checkpoint = finals[0] if finals else callback and (callback.best_model_path or callback.last_model_path)
         if checkpoint:
             lines.append(f"checkpoint: {checkpoint}")
         summaries = [c.summary() for c in trainer.callbacks if isinstance(c, GenerativeEvaluation)]

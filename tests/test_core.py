@@ -271,3 +271,75 @@ def test_training_metrics_reach_the_logger(shapes_zip: Path, tmp_path: Path) -> 
     assert [int(r["step"]) for r in rows] == [1, 3, 5]  # every log_every_n_steps, none missing
     for row in rows:  # each written value is that step's loss, not a stale one from an earlier step
         assert float(row["train/loss"]) == pytest.approx(recorder.losses[int(row["step"])], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ final checkpoint
+
+
+class _Interrupt(L.Callback):
+    """Stop the fit the way Ctrl-C does, after ``step`` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_final_checkpoint_appears_only_when_the_fit_completes(shapes_zip: Path, tmp_path: Path) -> None:
+    from diffusion_transfer.callbacks import FinalCheckpoint
+
+    final = tmp_path / "stage" / "model.ckpt"
+    saver = ModelCheckpoint(dirpath=tmp_path / "run", filename="last", every_n_train_steps=2)
+    # Interrupted after 4 of 6 steps: the run folder has a resumable checkpoint, the stage's file does not exist.
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+        trainer(tmp_path, 6, [TrainableEMA(decay=0.5), saver, FinalCheckpoint(str(final)), _Interrupt(4)],
+                enable_checkpointing=True).fit(tiny_model(), DiffusionDataModule(str(shapes_zip), batch_size=16))
+    assert (tmp_path / "run" / "last.ckpt").exists() and not final.exists()
+    # Resumed to the end: now it appears, with the finished step count and the EMA weights.
+    model = tiny_model()
+    trainer(tmp_path, 6, [TrainableEMA(decay=0.5), FinalCheckpoint(str(final))]).fit(
+        model, DiffusionDataModule(str(shapes_zip), batch_size=16), ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    saved = torch.load(final, weights_only=True)
+    assert saved["global_step"] == 6 and "ema_raw_state" in saved
+    for name, value in model.state_dict().items():  # the module holds the EMA weights after fit
+        torch.testing.assert_close(saved["state_dict"][name], value, rtol=0, atol=0)
+    # An early stop by a callback (should_stop) before max_steps is no completed stage either.
+    final.unlink()
+
+    class _Stop(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            trainer.should_stop = trainer.global_step >= 2
+
+    trainer(tmp_path, 6, [FinalCheckpoint(str(final)), _Stop()]).fit(
+        tiny_model(), DiffusionDataModule(str(shapes_zip), batch_size=16))
+    assert not final.exists()
+
+
+def test_clip_denoised_defaults_by_space_and_reaches_the_sampler(monkeypatch) -> None:
+    from diffusion_transfer.methods.longtail import LongTailDDPM
+
+    assert tiny_model().sampling["clip_denoised"] is True  # pixels: x̂₀ clamped, as ADM samples pixel models
+    assert tiny_model(vae="some/folder").sampling["clip_denoised"] is False  # latents are unbounded (DiT)
+    assert tiny_model(clip_denoised=False).sampling["clip_denoised"] is False
+    longtail = LongTailDDPM(arch="DiT-S/2", arch_overrides=TINY, num_classes=20, resolution=16, class_counts=[1] * 20)
+    assert longtail.sampling["clip_denoised"] is False  # the CBDM / T2H samplers do not clip inside the loop
+    model = tiny_model(learn_sigma=False)  # (a wild learned variance would overflow the DDPM noise)
+    perturb(model, scale=0.5)  # an untrained, wild net: its x̂₀ leaves [-1, 1] at high noise
+    seen = []
+    original = GaussianDiffusion.p_mean_variance
+
+    def record(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append((kwargs.get("clip_denoised"), float(out["pred_x0"].abs().max())))
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "p_mean_variance", record)
+    for sampler in ("ddim", "ddpm"):
+        seen.clear()
+        model.sample(2, sampler=sampler, steps=4)
+        assert seen and all(clip is True and peak <= 1.0 for clip, peak in seen), sampler
+        seen.clear()
+        model.sample(2, sampler=sampler, steps=4, clip_denoised=False)
+        assert max(peak for _, peak in seen) > 1.0, sampler  # the clamp above was not vacuous

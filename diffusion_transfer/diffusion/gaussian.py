@@ -536,7 +536,7 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = self._randn(x0.shape, generator, x0.device, x0.dtype)
         xt = self.q_sample(x0, t, noise)
-        output = model_fn(xt, self.model_timesteps(t), **(model_kwargs or {}))
+        output = self._model_output(model_fn, xt, t, model_kwargs or {})
         pred, var_values = self.split_output(output, x0.shape[1])
         mse = mean_flat((self.training_target(x0, t, noise) - pred) ** 2)
         frozen = pred.detach() if var_values is None else torch.cat([pred.detach(), var_values], dim=1)
@@ -691,8 +691,16 @@ class GaussianDiffusion(nn.Module):
         kwargs = model_kwargs or {}
         for i in self._indices(reverse=True, progress=progress):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x, _ = step(model_fn(x, self.model_timesteps(t), **kwargs), x, t, **step_kwargs)
+            x, _ = step(self._model_output(model_fn, x, t, kwargs), x, t, **step_kwargs)
         return x
+
+    def _model_output(self, model_fn: ModelFn, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The net's output at process indices ``t``, in ``x``'s dtype.
+
+        Under autocast (bf16-mixed) the net returns bf16; the loss terms, their reduction and the sampler's
+        update then run in the data's float32, as the mixed-precision recipe requires.
+        """
+        return model_fn(x, self.model_timesteps(t), **kwargs).to(x.dtype)
 
     @torch.no_grad()
     def ddim_invert(self, model_fn: ModelFn, x0: Tensor, *, model_kwargs: dict[str, Any] | None = None,
@@ -712,7 +720,7 @@ class GaussianDiffusion(nn.Module):
         kwargs = model_kwargs or {}
         for i in self._indices(reverse=False, progress=progress):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x = self.ddim_reverse_step(model_fn(x, self.model_timesteps(t), **kwargs), x, t,
+            x = self.ddim_reverse_step(self._model_output(model_fn, x, t, kwargs), x, t,
                                        clip_denoised=clip_denoised)
         return x
 

@@ -12,7 +12,7 @@ validation loss and sample grids) lives here once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ from torch import Tensor, nn
 
 from ..data.archive import DatasetError
 from ..data.seeds import assign_labels
+from ..errors import ConfigError
+from ..runtime import destroy_process_group_at_exit
+
+#: Values of ``sample_precision``.
+SAMPLE_PRECISIONS = ("trainer", "32", "bf16")
 
 
 def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -44,6 +49,9 @@ class DiffusionLightningBase(L.LightningModule):
         val_num_images: images in the sample grid logged at each validation (0 disables).
         val_seed: seed of the validation grid (fixed, so grids are comparable across steps).
         train_seed: seed of the training noise; step k on rank r uses a seed derived from (train_seed, k, r).
+        sample_precision: precision of :meth:`sample` (predict, validation grids, the metrics' samples, replay
+            banks): ``"trainer"`` follows the Trainer's precision plugin (autocast under ``bf16-mixed``; float32
+            outside a Trainer), ``"32"`` always float32, ``"bf16"`` bf16 autocast even under a float32 Trainer.
     """
 
     def __init__(
@@ -56,8 +64,12 @@ class DiffusionLightningBase(L.LightningModule):
         val_num_images: int = 16,
         val_seed: int = 0,
         train_seed: int = 0,
+        sample_precision: str = "trainer",
     ) -> None:
         super().__init__()
+        if sample_precision not in SAMPLE_PRECISIONS:
+            raise ConfigError(f"sample_precision must be one of {', '.join(SAMPLE_PRECISIONS)}, "
+                              f"got {sample_precision!r}")
         # Callables are kept as attributes, never read back from hparams: under LightningCLI the hparams
         # hold their parsed config, not the callable.
         self.optimizer_factory = optimizer
@@ -68,6 +80,7 @@ class DiffusionLightningBase(L.LightningModule):
         self.val_num_images = val_num_images
         self.val_seed = val_seed
         self.train_seed = train_seed
+        self.sample_precision = sample_precision
 
     # ------------------------------------------------------------------------------------ to override
 
@@ -104,6 +117,7 @@ class DiffusionLightningBase(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Every stage: `predict` with only an official checkpoint in the config (e.g. a replay bank drawn from
         # DiT-XL/2-256) must sample from those weights, not from a random initialisation.
+        destroy_process_group_at_exit()  # under CPU DDP, before interpreter exit (see runtime.py)
         self.load_pretrained()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -210,10 +224,21 @@ class DiffusionLightningBase(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            images = self.to_images(self.generate(noise, label_tensor, generators, **sampling))
+            with self.sampling_precision_context():
+                images = self.to_images(self.generate(noise, label_tensor, generators, **sampling))
         finally:
             self.train(was_training)
         return images.clamp(-1.0, 1.0)
+
+    def sampling_precision_context(self) -> AbstractContextManager:
+        """The autocast context that :meth:`sample` runs in (see ``sample_precision``)."""
+        if self.sample_precision == "32":
+            return torch.autocast(self.device.type, enabled=False)
+        if self.sample_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self._trainer is not None:
+            return self.trainer.precision_plugin.forward_context()
+        return nullcontext()
 
     def to_images(self, samples: Tensor) -> Tensor:
         """Model-space samples -> images in [-1, 1]; identity in pixel space, VAE decoding for latents."""

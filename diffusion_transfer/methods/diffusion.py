@@ -90,6 +90,10 @@ class Diffusion(DiffusionLightningBase):
         guidance_scale: classifier-free guidance s in ``u + s (c - u)`` (1 = none; DiT: 1.5 FID, 4.0 pictures).
         guidance_channels: guide only the first k channels (3 reproduces DiT); None guides all.
         eta: DDIM noise (0 = deterministic).
+        clip_denoised: clamp x̂₀ to [-1, 1] at every sampling step. None (default) decides by the space: True for
+            pixels (as ADM/IDDPM sample their pixel models; without it an undertrained pixel model's x̂₀
+            overshoots at high noise and the samples end as scattered saturated pixels), False for VAE latents
+            (DiT's ``clip_denoised=False``: latents are not bounded).
         compile: wrap the net in ``torch.compile`` for training and sampling.
         vae: local folder of the SD VAE (diffusers ``AutoencoderKL``) for latent models: the net works on
             latents (train on a zip from ``diffusion-transfer-data encode``) and samples are decoded to
@@ -112,6 +116,7 @@ class Diffusion(DiffusionLightningBase):
         guidance_scale: float = 1.0,
         guidance_channels: int | None = None,
         eta: float = 0.0,
+        clip_denoised: bool | None = None,
         compile: bool = False,
         vae: str | None = None,
         **kwargs: Any,
@@ -129,7 +134,8 @@ class Diffusion(DiffusionLightningBase):
                                          "learned_range" if learn_sigma else "fixedlarge")
         self.checkpoint = checkpoint
         self.sampling = {"sampler": sampler, "steps": sample_steps, "guidance_scale": guidance_scale,
-                         "guidance_channels": guidance_channels, "eta": eta}
+                         "guidance_channels": guidance_channels, "eta": eta,
+                         "clip_denoised": vae is None if clip_denoised is None else bool(clip_denoised)}
         self._respaced: dict[tuple[int, str], GaussianDiffusion] = {}
         self._compile = compile
         self._compiled: Any = None
@@ -208,7 +214,8 @@ class Diffusion(DiffusionLightningBase):
                  **sampling: Any) -> Tensor:
         """Sample with this module's sampling settings, each overridable by keyword.
 
-        Keywords: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_channels``, ``eta``, ``progress``.
+        Keywords: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_channels``, ``eta``, ``clip_denoised``,
+        ``progress``.
         """
         unknown = set(sampling) - set(self.sampling) - {"progress"}
         if unknown:
@@ -218,7 +225,8 @@ class Diffusion(DiffusionLightningBase):
             raise ValueError(f"unknown sampler '{opts['sampler']}'; choose one of {', '.join(SAMPLERS)}")
         process = self.sampling_process(int(opts["steps"]), opts["sampler"])
         model_fn = self.guided_denoiser(labels, float(opts["guidance_scale"]), opts["guidance_channels"])
-        common = {"noise": noise, "generator": list(generators), "progress": bool(opts.get("progress", False))}
+        common = {"noise": noise, "generator": list(generators), "progress": bool(opts.get("progress", False)),
+                  "clip_denoised": bool(opts["clip_denoised"])}
         if opts["sampler"] == "ddim":
             return process.ddim_sample(model_fn, eta=float(opts["eta"]), **common)
         return process.ddpm_sample(model_fn, **common)

@@ -234,15 +234,18 @@ class LongTailDDPM(Diffusion):
         class_counts: training images per class, one per class in label order; None reads
             ``trainer.datamodule.class_counts`` in setup. Either is checked against ``num_classes`` at once.
         sample_in_train_mode: keep the U-Net's dropout active while sampling, as T2H's evaluator does.
+        clip_denoised: False (default): no x̂₀ clipping inside the sampling loop, as the CBDM / T2H samplers
+            (only the final output is clipped). True clamps x̂₀ at every step.
         **kwargs: :class:`Diffusion` arguments (``arch_overrides``, ``checkpoint``, optimizer, ...).
     """
 
     def __init__(self, arch: str = "ddpm-cifar10", learn_sigma: bool = False, class_dropout_prob: float = 0.1,
                  label_drop: str = "batch", sampler: str = "ddim", sample_steps: int = 100,
                  guidance_scale: float = 2.5, class_counts: Sequence[int] | None = None,
-                 sample_in_train_mode: bool = False, **kwargs: Any) -> None:
+                 sample_in_train_mode: bool = False, clip_denoised: bool = False, **kwargs: Any) -> None:
         super().__init__(arch=arch, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, sampler=sampler,
-                         sample_steps=sample_steps, guidance_scale=guidance_scale, **kwargs)
+                         sample_steps=sample_steps, guidance_scale=guidance_scale, clip_denoised=clip_denoised,
+                         **kwargs)
         if label_drop not in LABEL_DROPS:
             raise ConfigError(f"label_drop must be one of {LABEL_DROPS}, got {label_drop!r}")
         self.label_drop = label_drop

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..runtime import destroy_process_group_at_exit
 from .functional import MetricError
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -111,6 +112,9 @@ class FeatureClassifier(L.LightningModule):
             *block(2 * width, num_features, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(num_features, num_classes)
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # under CPU DDP, before interpreter exit (see runtime.py)
 
     def features(self, images: Tensor) -> Tensor:
         """Float images ``[B, C, R, R]`` in [-1, 1] -> penultimate features ``[B, num_features]``."""

@@ -1,0 +1,42 @@
+"""``FinalCheckpoint``: the checkpoint of a *finished* fit, under a fixed name, and nothing before.
+
+A stage of a pipeline (``make demo``'s pre-training, a benchmark's source model) is taken as done when its output
+file exists. A ``ModelCheckpoint`` with a fixed filename writes that file at every validation, so a run stopped
+half-way leaves a file that the next run takes as finished. This callback writes ``path`` once, when the fit has
+completed its planned steps (``max_steps``, or ``max_epochs`` when no step limit is set) without being
+interrupted. Lightning writes checkpoints atomically (a temporary file renamed into place), so ``path`` is never
+half-written either. Keep a ``ModelCheckpoint`` inside the run folder for resuming an interrupted fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+
+class FinalCheckpoint(L.Callback):
+    """Save the trained module to ``path`` at the end of a completed fit (rank 0 writes; every rank calls).
+
+    Args:
+        path: checkpoint file to write (its folder is created). Existing files are replaced only by a completed
+            fit.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def completed(self, trainer: L.Trainer) -> bool:
+        """Whether ``trainer`` ran its whole plan: not interrupted, and its step or epoch limit reached."""
+        if trainer.interrupted or trainer.sanity_checking:
+            return False
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            return trainer.global_step >= trainer.max_steps
+        return trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.completed(trainer):
+            return
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.path)  # a collective call under DDP; atomic (temporary file + rename)
