@@ -27,7 +27,13 @@ install-dev: $(VENV)/.installed-dev
 $(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
 	$(VENV)/bin/diffusion-transfer-data shapes $@ --resolution 16 --per-class 200 --seed 0 --domain $*
 
-# Stage 1 runs once; delete the checkpoint to pre-train again.
+# Stage 1 runs once; delete the checkpoint to pre-train again. The file appears only when the fit completes
+# (FinalCheckpoint), so an interrupted stage is redone, not taken as finished.
+$(DEMO_DIR)/checkpoints/pretrained-filled-unet.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
+	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain_unet.yaml
+
+# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DiffTuning, DMP, FineDiffusion,
+# long-tail).
 $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
@@ -35,7 +41,7 @@ $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 $(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt: $(DEMO_DIR)/shapes-outline-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/features/shapes.yaml
 
-demo: $(DEMO_DIR)/checkpoints/pretrained-filled.ckpt $(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt
+demo: $(DEMO_DIR)/checkpoints/pretrained-filled-unet.ckpt $(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt
 	$(VENV)/bin/diffusion-transfer fit --config configs/quickstart.yaml
 	$(VENV)/bin/diffusion-transfer predict --config configs/quickstart.yaml --ckpt_path $(DEMO_DIR)/checkpoints/quickstart-outline.ckpt
 
