@@ -2,6 +2,7 @@
 
     make runs/demo/checkpoints/features-shapes-outline.ckpt       # the target's feature classifier (and data)
     python benchmarks/demo_recipe.py --recipes baseline,patch2 [--seed 0] [--num-images 200]
+    python benchmarks/demo_recipe.py --recipes unet --resample '{"sampler": "ddpm", "steps": 250}'
 
 Each recipe trains a DiT from scratch with ``configs/diffusion/shapes16_pretrain.yaml`` plus its overrides, on the
 "outline" shapes (the demo's target domain: what the samples must look like), and ends with one evaluation of
@@ -46,6 +47,9 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
     "patch2-lr3e-4": (1600, dit(2, 128, 4, 4) + lr(3e-4, 100)),
     "patch2-fixed-var": (1600, dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.learn_sigma", "false"]),
     "patch2-v": (1600, dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.prediction", "v"]),
+    "patch2-v-lr2e-3": (1600, dit(2, 128, 4, 4) + lr(2e-3, 200) + ["--model.init_args.prediction", "v"]),
+    "patch2-v-fixed-var": (1600, dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.prediction", "v",
+                                                                      "--model.init_args.learn_sigma", "false"]),
     "patch2-x0": (1600, dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.prediction", "x0"]),
     "patch2-cosine": (1600, dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.schedule", "cosine"]),
     "patch2-wide": (1600, dit(2, 192, 6, 6) + lr(1e-3, 200)),
@@ -53,6 +57,10 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
     "unet": (1600, ["--model.init_args.arch", "ddpm-cifar10", "--model.init_args.arch_overrides",
                     json.dumps({"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1,
                                 "attn_resolutions": [8], "dropout": 0.0})] + lr(1e-3, 200)),
+    "unet-v": (1600, ["--model.init_args.arch", "ddpm-cifar10", "--model.init_args.arch_overrides",
+                      json.dumps({"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1,
+                                  "attn_resolutions": [8], "dropout": 0.0})] + lr(1e-3, 200)
+               + ["--model.init_args.prediction", "v"]),
 }
 
 
@@ -81,6 +89,23 @@ def run(name: str, args: argparse.Namespace) -> dict:
             **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}
 
 
+def resample(name: str, args: argparse.Namespace) -> dict:
+    """Evaluate a trained recipe's checkpoint again with other sampling options (``--resample JSON``)."""
+    work = args.work / f"{name}-seed{args.seed}"
+    checkpoint = max(work.rglob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    output = work / "resample.json"
+    start = time.perf_counter()
+    cli(["validate", "--config", str(checkpoint.parents[1] / "config.yaml"), "--ckpt_path", str(checkpoint),
+         *CPU_QUIET, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work / "resample"),
+         "--metrics.feature_network", str(args.features), "--metrics.num_images", str(args.num_images),
+         "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.sampling", args.resample,
+         "--metrics.output", str(output)])
+    results = json.loads(output.read_text())["metrics"]
+    return {"recipe": name, "seed": args.seed, "resample": json.loads(args.resample), "checkpoint": str(checkpoint),
+            "minutes": (time.perf_counter() - start) / 60,
+            **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default=",".join(RECIPES))
@@ -92,14 +117,15 @@ def main() -> None:
     parser.add_argument("--features", type=Path, default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/demo_recipe"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_recipe.jsonl"))
+    parser.add_argument("--resample", default=None, help="JSON sampling options: re-evaluate trained recipes only")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.recipes.split(","):
-        row = run(name, args)
+        row = resample(name, args) if args.resample else run(name, args)
         with args.out.open("a") as file:
             file.write(json.dumps(row) + "\n")
-        print(f"| {name} | {row['steps']} | {row['accuracy']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | "
-              f"{row['fid']:.2f} | {row['minutes']:.1f} | {row['grid']} |", flush=True)
+        print(f"| {name} | {row.get('steps', args.resample)} | {row['accuracy']:.3f} | {row['precision']:.3f} | "
+              f"{row['recall']:.3f} | {row['fid']:.2f} | {row['minutes']:.1f} | {row.get('grid')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ MODELS = {
     "EDM DDPM++ CIFAR-10 (ddpmpp-cifar10) 32x32x3, batch 8": dict(
         method=EDMDiffusion, arch="ddpmpp-cifar10", arch_overrides=None, resolution=32, channels=3, batch=8,
         num_classes=10),
+    "demo U-Net (configs/quickstart.yaml) 16x16x3, batch 64": dict(
+        arch="ddpm-cifar10", arch_overrides={"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1,
+                                             "attn_resolutions": [8], "dropout": 0.0},
+        resolution=16, channels=3, batch=64, num_classes=20),
     "EDM tiny DDPM++ (configs/edm/shapes.yaml) 16x16x3, batch 32": dict(
         method=EDMDiffusion, arch="ddpmpp-cifar10", arch_overrides={
             "model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1, "attn_resolutions": [8],

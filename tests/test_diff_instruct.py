@@ -413,7 +413,9 @@ def test_cli_fit_then_predict_and_validate_without_the_teacher_file(shapes: Path
     config = {"model": {"class_path": "DiffInstruct", "init_args": model},
               "data": {"class_path": "DiffusionDataModule", "init_args": {"path": str(shapes), "batch_size": 8}},
               "ema": {"halflife_kimg": 0.05, "submodule": "generator"},
+              # float32 pinned: the PNGs are compared byte for byte with a float32 sample() below.
               "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 4, "limit_val_batches": 1,
+                          "precision": "32-true",
                           "enable_progress_bar": False, "default_root_dir": str(tmp_path / "runs"), "callbacks": [
                               {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                "init_args": {"dirpath": str(tmp_path), "filename": "di"}}]}}
