@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -29,6 +30,7 @@ from .callbacks import FinalCheckpoint, GenerativeEvaluation, ImageWriter, Train
 from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
 from .errors import ConfigError
+from .io.atomic import AtomicCheckpointIO
 from .io.checkpoint import CheckpointError
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 from .runtime import default_precision
@@ -75,6 +77,14 @@ class DiffusionCLI(LightningCLI):
         trainer["precision"] = precision
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks rerun this CLI: say it once
             print(f"precision: {precision} ({reason}; --trainer.precision overrides)")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Atomic local checkpoint writes (a temporary file in the same folder + os.replace), unless the config
+        # chose its own checkpoint IO.
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def _prepare_subcommand_parser(self, trainer_class, subcommand, **kwargs):
         parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)

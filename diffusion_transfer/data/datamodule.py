@@ -96,7 +96,10 @@ class ResumableDataLoader(DataLoader):
         return {"batches_yielded": self._batches_yielded}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume_at = int(state_dict.get("batches_yielded", 0))
+        # A checkpoint taken after the last batch of an epoch holds a finished epoch: Lightning resumes with the next
+        # epoch, which must start from its first batch (skipping a whole epoch's worth would skip that epoch).
+        yielded = int(state_dict.get("batches_yielded", 0))
+        self._resume_at = 0 if yielded >= len(self) else yielded
 
 
 class DiffusionDataModule(L.LightningDataModule):
