@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common import CPU_QUIET
 
+from diffusion_transfer.cli import build_cli
 from diffusion_transfer.cli import main as cli
 
 WARMUP = ('{"class_path": "torch.optim.lr_scheduler.LinearLR", '
@@ -79,13 +80,15 @@ def run(name: str, args: argparse.Namespace) -> dict:
     if args.precision:
         command += ["--trainer.precision", args.precision]
     start = time.perf_counter()
-    cli(command)
+    trainer = build_cli(command).trainer
     minutes = (time.perf_counter() - start) / 60
+    val_loss = trainer.callback_metrics.get("val/loss")
     reports = sorted(work.rglob("metrics-val-step*.json"), key=lambda p: p.stat().st_mtime)
     results = json.loads(reports[-1].read_text())["metrics"]
     grids = sorted(work.rglob("samples/step*.png"), key=lambda p: p.stat().st_mtime)
     return {"recipe": name, "seed": args.seed, "steps": steps, "overrides": overrides, "minutes": minutes,
-            "precision": args.precision or "default", "grid": str(grids[-1]) if grids else None,
+            "trainer_precision": str(trainer.precision), "val_loss": None if val_loss is None else float(val_loss),
+            "grid": str(grids[-1]) if grids else None,
             **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}
 
 
