@@ -4,8 +4,9 @@ A stage of a pipeline (``make demo``'s pre-training, a benchmark's source model)
 file exists. A ``ModelCheckpoint`` with a fixed filename writes that file at every validation, so a run stopped
 half-way leaves a file that the next run takes as finished. This callback writes ``path`` once, when the fit has
 completed its planned steps (``max_steps``, or ``max_epochs`` when no step limit is set) without being
-interrupted. Lightning writes checkpoints atomically (a temporary file renamed into place), so ``path`` is never
-half-written either. Keep a ``ModelCheckpoint`` inside the run folder for resuming an interrupted fit.
+interrupted. Under a Trainer with :class:`~diffusion_transfer.io.atomic.AtomicCheckpointIO` (the CLI installs it)
+``path`` is never half-written either. Keep a ``ModelCheckpoint`` inside the run folder for resuming an interrupted
+fit.
 """
 
 from __future__ import annotations
@@ -39,4 +40,4 @@ class FinalCheckpoint(L.Callback):
             return
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path)  # a collective call under DDP; atomic (temporary file + rename)
+        trainer.save_checkpoint(self.path)  # a collective call under DDP
