@@ -20,7 +20,7 @@ from diffusion_transfer.methods import DMP, DiffInstruct, DiffTuning, Diffusion,
 from diffusion_transfer.methods.longtail import CBDM, T2H
 
 from .test_cli import tiny_config
-from .test_core import perturb
+from .test_core import perturb, trainer
 
 DIT = {"arch": "DiT-S/2", "arch_overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}}
 UNET = {"arch_overrides": {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
@@ -29,10 +29,8 @@ COMMON = {"num_classes": 20, "resolution": 16, "channels": 3, "val_num_images": 
 
 
 def quiet_trainer(root: Path, max_steps: int, callbacks=(), precision: str = "bf16-mixed", **kwargs) -> L.Trainer:
-    options = {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False, "precision": precision,
-               "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": root,
-               "limit_val_batches": 0, "enable_checkpointing": False}
-    return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
+    """``tests.test_core.trainer`` (CPU, quiet, no validation) under ``precision``."""
+    return trainer(root, max_steps, callbacks, precision=precision, **kwargs)
 
 
 @pytest.fixture(scope="module")
