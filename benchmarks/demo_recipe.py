@@ -39,7 +39,7 @@ def lr(value: float, warmup: int = 0) -> list[str]:
     return out + (["--model.init_args.lr_scheduler", WARMUP % warmup] if warmup else [])
 
 
-#: name -> (max_steps, overrides of configs/diffusion/shapes16_pretrain.yaml)
+#: name -> (max_steps, overrides of configs/diffusion/shapes16_pretrain.yaml): DiT/U-Net from scratch on "outline"
 RECIPES: dict[str, tuple[int, list[str]]] = {
     # The recipe before this ablation: DiT-S/4 (16 tokens of 4x4 px), hidden 128, depth 4, lr 1e-3, 1600 steps.
     "baseline": (1600, dit(4, 128, 4, 4)),
@@ -65,18 +65,43 @@ RECIPES: dict[str, tuple[int, list[str]]] = {
 }
 
 
+def cosine(peak: float, total: int, warmup: int = 0) -> list[str]:
+    """Learning rate ``peak``: a warm-up over ``warmup`` steps from peak/100, then a cosine decay to peak/1e5 at
+    step ``total`` (torch's OneCycleLR without momentum cycling)."""
+    return ["--model.init_args.lr_scheduler", json.dumps({
+        "class_path": "torch.optim.lr_scheduler.OneCycleLR",
+        "init_args": {"max_lr": peak, "total_steps": total, "pct_start": warmup / total,
+                      "anneal_strategy": "cos", "cycle_momentum": False, "div_factor": 100.0,
+                      "final_div_factor": 1.0e3}})]
+
+
+#: name -> (max_steps, overrides of configs/quickstart.yaml): transfers of the cached "filled" U-Net
+#: (runs/demo/checkpoints/pretrained-filled-unet.ckpt) to "outline", as `make demo` runs them.
+TRANSFERS: dict[str, tuple[int, list[str]]] = {
+    "transfer": (1600, []),
+    "transfer-1200": (1200, []),
+    "transfer-cosine-1e-3": (1200, cosine(1e-3, 1200, 50)),
+    "transfer-3200": (3200, []),
+    "transfer-bs32-2400": (2400, ["--data.init_args.batch_size", "32"]),
+    "transfer-bs32-3200-g1.5": (3200, ["--data.init_args.batch_size", "32",
+                                       "--model.init_args.guidance_scale", "1.5"]),
+    "transfer-bs32-lr1e-3-2400": (2400, ["--data.init_args.batch_size", "32"] + lr(1e-3)),
+}
+
+
 def run(name: str, args: argparse.Namespace) -> dict:
-    steps, overrides = RECIPES[name]
+    config = "configs/quickstart.yaml" if name in TRANSFERS else "configs/diffusion/shapes16_pretrain.yaml"
+    steps, overrides = {**RECIPES, **TRANSFERS}[name]
     steps = args.steps or steps
     work = args.work / f"{name}-seed{args.seed}"
-    command = ["fit", "--config", "configs/diffusion/shapes16_pretrain.yaml", *CPU_QUIET, *overrides,
+    command = ["fit", "--config", config, *CPU_QUIET, *overrides,
                "--data.init_args.path", str(args.data), "--seed_everything", str(args.seed),
                "--model.init_args.train_seed", str(args.seed),
                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                "--trainer.default_root_dir", str(work), "--trainer.callbacks", "[]",
                "--model.init_args.val_num_images", "40",
                "--metrics.feature_network", str(args.features), "--metrics.num_images", str(args.num_images),
-               "--metrics.seed", "100000", "--metrics.per_class", "false"]
+               "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.every_n_validations", "1"]
     if args.precision:
         command += ["--trainer.precision", args.precision]
     start = time.perf_counter()

@@ -116,9 +116,17 @@ class DiffusionCLI(LightningCLI):
         writers = [c for c in self.trainer.callbacks if isinstance(c, ImageWriter)]
         if writers and self.trainer.is_global_zero:
             writer = writers[0]
-            count = len(list(writer.output_dir.glob("*.png")))
+            count = len(list(writer.output_dir.glob("[0-9]*.png")))
             also = f" and {writer.zip_path}" if writer.zip_path else ""
-            print(f"wrote {count} images to {writer.output_dir}{also}")
+            lines = [f"wrote {count} images to {writer.output_dir}{also}"]
+            if writer.grid_path:
+                lines.append(f"sample grid: {writer.grid_path}")
+            # What these weights scored when their checkpoint was saved (restored from --ckpt_path).
+            for evaluation in (c for c in self.trainer.callbacks if isinstance(c, GenerativeEvaluation)):
+                summary = evaluation.summary(f"metrics of these weights at step {evaluation.last_step}")
+                if summary:
+                    lines.append(summary)
+            print("\n".join(lines))
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from diffusion_transfer.cli import build_cli, main
 from diffusion_transfer.data import make_shapes
@@ -154,3 +155,49 @@ def test_test_command_reports_metrics(trained: dict[str, Path], capsys) -> None:
     report = json.loads(output.read_text())
     assert report["stage"] == "test" and report["metrics"]["num_images"] == 40
     assert "test metrics (40 images" in capsys.readouterr().out
+
+
+def test_checkpoint_keeps_the_evaluation_and_predict_reports_it(trained: dict[str, Path], capsys) -> None:
+    # Validation after every step, metrics at every 2nd validation. A fit stopped after step 1 and resumed must
+    # count on (evaluate at step 2), and `predict` from that checkpoint must end with its grid and metrics.
+    root = trained["tmp"] / "kept"
+    checkpoint = root / "ckpt" / "last.ckpt"
+    common = ["--config", str(trained["config"]), "--trainer.limit_val_batches", "1",
+              "--trainer.val_check_interval", "1", "--trainer.check_val_every_n_epoch", "null",
+              "--trainer.default_root_dir", str(root), "--trainer.callbacks", yaml.safe_dump([{
+                  "class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                      "dirpath": str(checkpoint.parent), "filename": "last", "enable_version_counter": False}}]),
+              "--metrics.feature_network", str(trained["features"]), "--metrics.num_images", "40",
+              "--metrics.per_class", "false", "--metrics.every_n_validations", "2"]
+    main(["fit", *common, "--trainer.max_steps", "1"])
+    state = torch.load(checkpoint, weights_only=True)["callbacks"]
+    (evaluation,) = [v for k, v in state.items() if k.startswith("GenerativeEvaluation")]
+    assert evaluation["validations"] == 1 and evaluation["last_results"] is None
+    capsys.readouterr()
+    main(["fit", *common, "--trainer.max_steps", "2", "--ckpt_path", str(checkpoint)])
+    reports = list(root.rglob("metrics-val-step*.json"))
+    assert [p.name for p in reports] == ["metrics-val-step0000002.json"]
+    written = json.loads(reports[0].read_text())["metrics"]
+    state = torch.load(checkpoint, weights_only=True)["callbacks"]
+    (evaluation,) = [v for k, v in state.items() if k.startswith("GenerativeEvaluation")]
+    assert evaluation["validations"] == 2 and evaluation["last_step"] == 2
+    assert evaluation["last_results"]["precision"] == pytest.approx(written["precision"])
+
+    capsys.readouterr()
+    out = root / "samples"
+    main(["predict", *common, "--ckpt_path", str(checkpoint), "--data.init_args.predict_seeds", "0-12",
+          "--writer.output_dir", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last[0] == f"sample grid: {root / 'samples-grid.png'}"
+    assert last[1].startswith("metrics of these weights at step 2 (40 images): fid ")
+    for name in ("precision", "recall", "accuracy"):
+        assert f"{name} {written[name]:.4g}" in last[1]
+    # The grid: 13 images, 10 per row (20 classes), 1-px white gaps; each cell is that seed's PNG.
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s:06d}.{e}" for s in range(13) for e in ("png", "label"))
+    grid = np.asarray(Image.open(root / "samples-grid.png"))
+    assert grid.shape == (1 + 2 * 17, 1 + 10 * 17, 3)
+    for index, seed in ((0, 0), (12, 12)):
+        row, col = divmod(index, 10)
+        cell = grid[1 + 17 * row:17 + 17 * row, 1 + 17 * col:17 + 17 * col]
+        assert np.array_equal(cell, np.asarray(Image.open(out / f"{seed:06d}.png")))
+    assert (grid[0] == 255).all() and (grid[1 + 17 * 1 + 16:, 1 + 17 * 3:] == 255).all()  # gaps, empty cells

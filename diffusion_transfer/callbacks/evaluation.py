@@ -102,14 +102,35 @@ class GenerativeEvaluation(Callback):
         self._validations = 0
         self.last_results: dict[str, float | str] | None = None
         self.last_report: Path | None = None  # JSON of the latest evaluation (rank 0)
+        self.last_step: int | None = None  # global step of the latest evaluation
 
-    def summary(self) -> str | None:
-        """One line with the main metrics of the latest evaluation, or None if there was none."""
+    # Kept in checkpoints: a resumed fit counts validations on (so ``every_n_validations`` keeps its rhythm), and
+    # ``predict``/``validate`` from a checkpoint can say what the weights scored when they were saved.
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations, "last_step": self.last_step,
+                # Plain floats and strings only (numpy scalars would not pass a weights_only load).
+                "last_results": {k: float(v) if isinstance(v, float) else str(v)
+                                 for k, v in self.last_results.items()} if self.last_results else None,
+                "last_report": str(self.last_report) if self.last_report else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+        self.last_step = state_dict.get("last_step")
+        self.last_results = state_dict.get("last_results")
+        report = state_dict.get("last_report")
+        self.last_report = Path(report) if report else None
+
+    def summary(self, title: str = "metrics") -> str | None:
+        """One line with the main metrics of the latest evaluation, or None if there was none.
+
+        ``title`` starts the line; ``"{title} (200 images): fid 0.2, precision 0.6, ... (report.json)"``.
+        """
         if not self.last_results:
             return None
         shown = [f"{name} {value:.4g}" for name, value in self.last_results.items()
                  if name in ("fid", "kid", "precision", "recall", "accuracy", "fid_tail") and isinstance(value, float)]
-        return f"metrics ({self.num_images} images): {', '.join(shown)}  ({self.last_report})"
+        where = f"  ({self.last_report})" if self.last_report else ""
+        return f"{title} ({self.num_images} images): {', '.join(shown)}{where}"
 
     @property
     def enabled(self) -> bool:
@@ -162,6 +183,7 @@ class GenerativeEvaluation(Callback):
         results = score(generated, reference, self.options, class_counts=self._class_counts(trainer),
                         num_classes=getattr(pl_module, "num_classes", 0))
         self.last_results = results
+        self.last_step = trainer.global_step
         suffix = f"_{self.num_images}"
         for name, value in results.items():
             if isinstance(value, float) and name != "num_images":

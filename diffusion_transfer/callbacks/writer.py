@@ -22,6 +22,23 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> Path:
+    """Write ``images`` (``[N, C, H, W]`` float in [-1, 1]) as one PNG grid, ``nrow`` per row, 1-px white gaps.
+
+    Written under a temporary name and renamed, so ``path`` is never a half-written file.
+    """
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().cpu(), nrow=max(1, nrow), padding=1, pad_value=1.0)
+    array = to_uint8(grid[None])[0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial, format="PNG")
+    os.replace(partial, path)
+    return path
+
+
 class ImageWriter(BasePredictionWriter):
     """Write each predicted image as ``output_dir/{seed:06d}.png``.
 
@@ -36,10 +53,14 @@ class ImageWriter(BasePredictionWriter):
         zip_path: optional dataset zip to write at the end.
     """
 
+    #: at most this many of a run's images go into its ``grid.png``
+    GRID_IMAGES = 100
+
     def __init__(self, output_dir: str = "samples", zip_path: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.zip_path = zip_path
+        self.grid_path: Path | None = None  # set on rank 0 once prediction ends
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
@@ -59,29 +80,41 @@ class ImageWriter(BasePredictionWriter):
                 label_file.unlink(missing_ok=True)  # left by an earlier, conditional run into this folder
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.zip_path is None:
-            return
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            # Pack this run's seeds only: the folder may hold images of earlier runs.
+            # This run's seeds only: the folder may hold images of earlier runs.
             loaders = trainer.predict_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             seeds = getattr(getattr(loader, "dataset", None), "seeds", None)
             files = ([self.output_dir / f"{s:06d}.png" for s in sorted(seeds)] if seeds is not None
                      else sorted(self.output_dir.glob("[0-9]*.png")))
-
-            def items():
-                for f in files:
-                    label_file = f.with_suffix(".label")
-                    label = int(label_file.read_text()) if label_file.exists() else None
-                    yield np.asarray(Image.open(f)), label
-
-            # Name the model's classes so the zip keeps the full label space even if some are not drawn.
             num_classes = getattr(pl_module, "num_classes", 0)
-            names = getattr(trainer.datamodule, "class_names", None) if num_classes else None
-            hierarchy = getattr(trainer.datamodule, "superclass_of", None) if num_classes else None
-            classes = ClassInfo(class_names=names or ([str(c) for c in range(num_classes)] or None),
-                                superclasses=hierarchy)
-            write_dataset_zip(self.zip_path, items(), classes,
-                              extra={"generated": {"seeds": [int(f.stem) for f in files]}})
+            self._write_grid(files[:self.GRID_IMAGES], nrow=min(num_classes, 10) if num_classes else 8)
+            if self.zip_path is not None:
+                self._write_zip(trainer, files, num_classes)
         trainer.strategy.barrier()
+
+    def _write_grid(self, files: Sequence[Path], nrow: int) -> None:
+        """``<output_dir>-grid.png`` beside the folder (inside it, it would join the samples of whatever reads the
+        folder, e.g. FID): the run's first images in seed order (classes cycle along each row)."""
+        if not files:
+            return
+        arrays = [np.asarray(Image.open(f)) for f in files]
+        images = torch.stack([torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1) for a in arrays])
+        self.grid_path = save_image_grid(images.float() / 127.5 - 1,
+                                         self.output_dir.with_name(f"{self.output_dir.name}-grid.png"), nrow)
+
+    def _write_zip(self, trainer: L.Trainer, files: Sequence[Path], num_classes: int) -> None:
+        def items():
+            for f in files:
+                label_file = f.with_suffix(".label")
+                label = int(label_file.read_text()) if label_file.exists() else None
+                yield np.asarray(Image.open(f)), label
+
+        # Name the model's classes so the zip keeps the full label space even if some are not drawn.
+        names = getattr(trainer.datamodule, "class_names", None) if num_classes else None
+        hierarchy = getattr(trainer.datamodule, "superclass_of", None) if num_classes else None
+        classes = ClassInfo(class_names=names or ([str(c) for c in range(num_classes)] or None),
+                            superclasses=hierarchy)
+        write_dataset_zip(self.zip_path, items(), classes,
+                          extra={"generated": {"seeds": [int(f.stem) for f in files]}})

@@ -275,23 +275,18 @@ class DiffusionLightningBase(L.LightningModule):
 
     def log_image_grid(self, images: Tensor, tag: str, folder: str | None = None) -> Path | None:
         """Write ``images`` ([N, C, R, R] in [-1, 1]) as a PNG grid under ``folder/samples`` and to TensorBoard."""
-        from PIL import Image
         from torchvision.utils import make_grid
 
-        from ..callbacks.writer import to_uint8
+        from ..callbacks.writer import save_image_grid
 
         nrow = max(1, min(self.num_classes, 10)) if self.num_classes else 8
-        grid = make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
+            grid = make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
             experiment.add_image(tag, (grid + 1) / 2, self.global_step)
         if folder is None:
             return None
-        path = Path(folder) / "samples" / f"step{self.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        array = to_uint8(grid[None])[0]
-        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-        return path
+        return save_image_grid(images, Path(folder) / "samples" / f"step{self.global_step:07d}.png", nrow)
 
 
 @contextmanager
