@@ -31,7 +31,7 @@ from .data import DatasetError
 from .data.datamodule import DiffusionDataModule  # noqa: F401
 from .errors import ConfigError
 from .io.atomic import AtomicCheckpointIO
-from .io.checkpoint import CheckpointError
+from .io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 from .runtime import default_precision
 
@@ -59,12 +59,33 @@ class DiffusionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         names = getattr(self, "_command_line_model_options", set())
         if not subcommand or not names:
-            return super()._parse_ckpt_path()
+            return self._checked_parse_ckpt_path()
         given = self.config[subcommand].get("model.init_args")
         kept = {name: given[name] for name in names if given is not None and name in given}
-        super()._parse_ckpt_path()
+        self._checked_parse_ckpt_path()
         for name, value in kept.items():
             self.config[subcommand][f"model.init_args.{name}"] = value
+
+    def _checked_parse_ckpt_path(self) -> None:
+        """Lightning reads a ``--ckpt_path``'s hyper-parameters with a bare ``torch.load``, which checks no CRC: a
+        damaged file gets the one-line error of :func:`~diffusion_transfer.io.checkpoint.safe_torch_load` instead
+        of torch's traceback or hyper-parameters with flipped bits. The pickle is checked first (memory-mapped, so
+        the tensors are not read; the checkpoint IO checks them when the weights are restored)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        local = bool(path) and Path(path).is_file()
+        if local:
+            safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True)
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            if not local:
+                raise
+            try:
+                safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX)  # the tensors too
+            except CheckpointError as damaged:
+                raise damaged from None  # torch's text, which advises weights_only=False, stays out
+            raise  # the file is fine: another problem
 
     def before_instantiate_classes(self) -> None:
         # A config without trainer.precision gets the machine's fast path (bf16-mixed on native-bf16 hardware);

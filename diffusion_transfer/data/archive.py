@@ -23,14 +23,13 @@ import io
 import json
 import os
 import zipfile
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 METADATA_NAME = "dataset.json"
@@ -40,8 +39,26 @@ UNLABELLED = -1
 _CORRUPT_HINT = "re-create it with `diffusion-transfer-data convert`"
 
 
+MAX_CLASSES = 1 << 20
+"""Labels must be below this (ImageNet-21k has 21,841 classes): a tampered label of 2**31 would otherwise make every
+per-class count allocate gigabytes."""
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: line breaks become spaces, other control characters escapes."""
+    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class DatasetError(ValueError):
-    """An expected problem with user data. The message is one line that names the file and the fix."""
+    """An expected problem with user data. The message is one line that names the file and the fix.
+
+    The message is made one printable line whatever it quotes (a zip entry name with a control character, a
+    library's multi-line message).
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 def archive_name(index: int, suffix: str = ".png") -> str:
@@ -68,27 +85,29 @@ class _ZipStorage:
         self.path = path
         self._zip: zipfile.ZipFile | None = None
         self._pid: int | None = None
-        self.files = sorted(info.filename for info in self._handle().infolist() if not info.is_dir())
+        # Not ZipInfo.is_dir(): it fails on the empty name of a damaged entry.
+        self.files = sorted(info.filename for info in self._handle().infolist()
+                            if info.filename and not info.filename.endswith("/"))
 
     def _handle(self) -> zipfile.ZipFile:
         if self._zip is None or self._pid != os.getpid():
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
+            except Exception as err:  # noqa: BLE001 - a damaged directory raises anything (IndexError, NotImplemented...)
                 raise DatasetError(
-                    f"{self.path}: not a readable zip archive ({err}); the file is truncated or corrupt: "
-                    f"{_CORRUPT_HINT}"
+                    f"{self.path}: not a readable zip archive ({type(err).__name__}: {err}); the file is truncated or "
+                    f"corrupt: {_CORRUPT_HINT}"
                 ) from None
             self._pid = os.getpid()
         return self._zip
 
     def read(self, name: str) -> bytes:
+        handle = self._handle()
         try:
-            return self._handle().read(name)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-            raise DatasetError(
-                f"{self.path}:{name}: cannot read from the zip ({err}); the archive is corrupt: {_CORRUPT_HINT}"
-            ) from None
+            return handle.read(name)
+        except Exception as err:  # noqa: BLE001 - zlib.error, NotImplementedError (method, version), RuntimeError...
+            raise DatasetError(f"{self.path}:{name}: cannot read from the zip ({type(err).__name__}: {err}); the "
+                               f"archive is corrupt: {_CORRUPT_HINT}") from None
 
     def where(self, name: str) -> str:
         return f"{self.path}:{name}"
@@ -198,10 +217,17 @@ class ImageCollection:
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning, where it is
+            # turned into an error (diffusion-transfer-data does): a damaged header can claim a huge size.
+            raise DatasetError(f"{self.where(index)}: {err}; the file is corrupt or far too large for a dataset: "
+                               "replace or shrink it") from None
+        except UnidentifiedImageError:
+            raise DatasetError(f"{self.where(index)}: not an image in a format PIL reads; the file is truncated or "
+                               "corrupt: replace it, or remove it and its dataset.json entry") from None
+        except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (struct.error, IndexError, ...)
             raise DatasetError(
-                f"{self.where(index)}: cannot decode image ({err}); the file is truncated or corrupt: "
-                "replace it, or remove it and its dataset.json entry"
+                f"{self.where(index)}: cannot decode image ({type(err).__name__}: {err}); the file is truncated or "
+                "corrupt: replace it, or remove it and its dataset.json entry"
             ) from None
         return image
 
@@ -241,7 +267,7 @@ class ImageCollection:
                                "`diffusion-transfer-data shapes` or `diffusion-transfer-data convert`")
         if path.is_dir():
             storage: Any = _FolderStorage(path)
-        elif zipfile.is_zipfile(path):
+        elif _is_zipfile(path):
             storage = _ZipStorage(path)
         else:
             raise DatasetError(f"{path}: not a zip archive or a folder (corrupt or of another kind); "
@@ -261,6 +287,13 @@ class ImageCollection:
         else:
             labels, classes, extra = None, ClassInfo(), {}
         return cls(source=path, names=names, labels=labels, classes=classes, extra=extra, storage=storage)
+
+
+def _is_zipfile(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001 - a damaged end record: a zip, and the zip reader says what is wrong
+        return True
 
 
 def _read_metadata(storage: Any) -> dict[str, Any]:
@@ -297,6 +330,9 @@ def _parse_metadata(meta: dict[str, Any], where: str,
                                "are supported")
         if entry[1] < 0:
             raise DatasetError(f"{where}: label {entry[1]} of '{entry[0]}' is negative; labels are 0..C-1")
+        if entry[1] >= MAX_CLASSES:
+            raise DatasetError(f"{where}: label {entry[1]} of '{entry[0]}' is over the limit of {MAX_CLASSES:,} "
+                               "classes; labels are class indices 0..C-1")
         by_name[entry[0]] = entry[1]
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -420,7 +456,7 @@ def write_dataset_zip(
                 archive.writestr(zipfile.ZipInfo(archive_name(index, suffix), date_time=(1980, 1, 1, 0, 0, 0)),
                                  encode(image))
                 labels.append(None if label is None else int(label))
-            meta = _metadata_json(labels, classes or ClassInfo(), extra or {}, str(tmp), suffix)
+            meta = _metadata_json(labels, classes or ClassInfo(), extra or {}, str(dest), suffix)
             archive.writestr(zipfile.ZipInfo(METADATA_NAME, date_time=(1980, 1, 1, 0, 0, 0)),
                              json.dumps(meta, indent=1))
         os.replace(tmp, dest)
@@ -441,6 +477,12 @@ def _metadata_json(labels: list[int | None], classes: ClassInfo, extra: dict[str
     if all(has_label):
         meta["labels"] = [[archive_name(i, suffix), label] for i, label in enumerate(labels)]
         num_classes = len(classes.class_names) if classes.class_names else max(labels) + 1  # type: ignore[type-var]
+        # Write only what the readers accept: labels 0..C-1 and a valid class hierarchy.
+        bad = [label for label in labels if not 0 <= label < num_classes]  # type: ignore[operator]
+        if bad:
+            raise DatasetError(f"{where}: label {bad[0]} is outside the {num_classes} classes; fix the source's labels "
+                               "or class names")
+        _check_hierarchy(classes, num_classes, where)
         meta["class_counts"] = np.bincount(np.asarray(labels), minlength=num_classes).tolist()
     meta.update(classes.to_json())
     meta.update(extra)

@@ -258,10 +258,12 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
 
     def predict_dataloader(self) -> DataLoader:
-        """``(seed, label)`` items; images depend on their seed only (see :mod:`~diffusion_transfer.data.seeds`)."""
+        """``(seed, label)`` items, ``batch_size`` per batch, loaded by ``num_workers`` workers; images depend on their
+        seed only (see :mod:`~diffusion_transfer.data.seeds`)."""
         seeds = parse_seeds(self.hparams.predict_seeds)
         labels = assign_labels(len(seeds), self.num_classes, self.hparams.predict_labels)
-        return DataLoader(SeedLabelDataset(seeds, labels), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(SeedLabelDataset(seeds, labels), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "val_set"):

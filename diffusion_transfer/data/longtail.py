@@ -14,13 +14,15 @@ touching the global NumPy RNG.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .archive import DatasetError, ImageCollection, write_dataset_zip
+from .archive import DatasetError, write_dataset_zip
+from .datasets import ImageDataset
 
 PROFILES = ("exp", "step")
 
@@ -92,18 +94,30 @@ def make_longtail(
 
     Class names and hierarchy are kept; ``dataset.json`` records the kept ``class_counts`` and a
     ``longtail`` entry with the source, ratio, profile, seed and n_max. Returns that ``dataset.json``.
+    Images are copied as :class:`~diffusion_transfer.data.ImageDataset` serves them (the first image's size and
+    RGB or grayscale mode), so an image of another size is an error and the subset is always a readable dataset.
     """
     from tqdm.auto import tqdm
 
-    collection = ImageCollection.open(src)
+    # Images are read as training reads them (ImageDataset): one size, one mode, each checked as it is copied.
+    dataset = ImageDataset(src)
+    collection = dataset.collection
     if collection.labels is None:
         raise DatasetError(f"{src}: has no labels; a long-tailed subset needs a labelled dataset")
+    if collection.num_classes < 2:
+        raise DatasetError(f"{src}: has {collection.num_classes} class(es); a long-tailed subset needs at least 2")
     selection = select_longtail(collection.labels, collection.num_classes, imbalance, profile, seed)
-    subset = collection.subset(selection.indices)
-    images = (
-        (np.asarray(subset.load(i)), int(subset.labels[i]))  # type: ignore[index]
-        for i in tqdm(range(len(subset)), desc="longtail", unit="img", disable=not progress)
-    )
+    if not len(selection.indices):
+        raise DatasetError(f"{src}: the long-tailed subset is empty: {len(collection)} images over "
+                           f"{collection.num_classes} classes (n_max = N / C = {selection.n_max:.2f}) keep no image "
+                           "of any class; use a larger dataset or check its labels")
+
+    def images() -> Iterator[tuple[np.ndarray, int]]:
+        for i in tqdm(selection.indices.tolist(), desc="longtail", unit="img", disable=not progress):
+            image, label = dataset[i]
+            array = image.numpy()
+            yield (array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)), label
+
     record = {"source": Path(src).name, "imbalance": imbalance, "profile": profile, "seed": seed,
               "n_max": selection.n_max, "requested_counts": selection.requested}
-    return write_dataset_zip(dest, images, collection.classes, {"longtail": record})
+    return write_dataset_zip(dest, images(), collection.classes, {"longtail": record})

@@ -17,6 +17,8 @@ from .archive import DatasetError
 from .datamodule import _TrainingView
 from .datasets import LatentDataset, open_dataset
 
+_REBUILD = "or build the bank again with `diffusion-transfer predict --config configs/difftuning/bank.yaml`"
+
 
 class ReplayBank:
     """Random replay inputs from a bank, in the model's space (images in [-1, 1], or scaled VAE latents).
@@ -35,7 +37,10 @@ class ReplayBank:
         if not os.path.exists(path):
             raise DatasetError(f"replay bank {path}: no such file; build it with `diffusion-transfer predict "
                                "--config configs/difftuning/bank.yaml` (see its header)")
-        dataset = open_dataset(path)
+        try:
+            dataset = open_dataset(path)
+        except DatasetError as err:  # a truncated or corrupt bank: the data layer's message, plus how to rebuild it
+            raise DatasetError(f"replay bank: {err}; {_REBUILD}") from None
         found = (dataset.channels, dataset.resolution)
         if found != (channels, resolution):
             raise DatasetError(f"replay bank {path}: holds {found[0]}x{found[1]}x{found[1]} samples but the model "
@@ -53,4 +58,8 @@ class ReplayBank:
     def draw(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """``n`` samples drawn uniformly with replacement: float ``[n, C, R, R]`` on ``device``."""
         indices = torch.randint(len(self.items), (n,)).tolist()
-        return torch.stack([self.items[i][0] for i in indices]).to(device)
+        try:
+            rows = [self.items[i][0] for i in indices]
+        except DatasetError as err:  # a damaged entry (its CRC-32 is checked when it is read)
+            raise DatasetError(f"replay bank: {err}; {_REBUILD}") from None
+        return torch.stack(rows).to(device)

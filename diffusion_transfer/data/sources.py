@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -60,25 +61,79 @@ def open_tar(path: Path) -> tarfile.TarFile:
                            "corrupt: download it again") from None
 
 
+def _check_memo(data: bytes) -> None:
+    """Refuse memo indices past the pickle's length before unpickling.
+
+    The C unpickler grows its memo to twice the largest index it is given and clears it, so one tampered 4-byte
+    index (``LONG_BINPUT 997361213``) costs 16 GB and minutes. A real pickle numbers its entries in order, so its
+    indices stay below its length. Walking the opcodes also catches unknown opcodes and truncated arguments.
+    """
+    for opcode, arg, pos in pickletools.genops(data):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > len(data):
+            raise pickle.UnpicklingError(f"memo index {arg} at byte {pos} is past the end of the pickle")
+
+
 def _unpickle_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> dict[Any, Any]:
     try:
         handle = tar.extractfile(member)
-        assert handle is not None
-        obj = _CifarUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+        if handle is None:
+            raise tarfile.TarError("not a regular file")
+        data = handle.read()
+        _check_memo(data)
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as err:
         raise DatasetError(f"{path}:{member.name}: {err}; this is not an original CIFAR file, download it "
                            "again from its authors") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError, TypeError, AttributeError) as err:
-        raise DatasetError(f"{path}:{member.name}: cannot read ({err}); the archive is truncated or corrupt: "
-                           "download it again") from None
+    except Exception as err:  # noqa: BLE001 - a damaged archive or pickle raises anything (zlib, Memory, Key...)
+        raise DatasetError(f"{path}:{member.name}: cannot read ({type(err).__name__}: {err}); the archive is "
+                           "truncated or corrupt: download it again") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}:{member.name}: expected a dict of arrays; not a CIFAR python batch")
     # The official batches were pickled by Python 2, so keys arrive as bytes.
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _strings(values: list[Any]) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _tampered(where: str, what: str) -> DatasetError:
+    return DatasetError(f"{where}: {what}; this is not an original CIFAR python batch: download it again")
+
+
+def _entry(batch: dict[Any, Any], key: str, where: str) -> Any:
+    if key not in batch:
+        raise _tampered(where, f"has no '{key}' entry")
+    return batch[key]
+
+
+def _strings(batch: dict[Any, Any], key: str, where: str) -> list[str]:
+    values = _entry(batch, key, where)
+    if not isinstance(values, list) or not values or not all(isinstance(v, (bytes, str)) for v in values):
+        raise _tampered(where, f"'{key}' is not a list of names")
+    try:
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+    except UnicodeDecodeError:
+        raise _tampered(where, f"'{key}' holds a name that is not UTF-8") from None
+
+
+def _pixels(batch: dict[Any, Any], where: str) -> np.ndarray:
+    data = _entry(batch, "data", where)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and len(data)):
+        shape = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _tampered(where, f"'data' is {shape}, not uint8 [N, 3072] images")
+    return data
+
+
+def _class_labels(batch: dict[Any, Any], key: str, count: int, num_classes: int, where: str) -> np.ndarray:
+    values = _entry(batch, key, where)
+    try:
+        labels = np.asarray(values) if isinstance(values, (list, np.ndarray)) else np.empty(0, dtype=object)
+    except (ValueError, TypeError, OverflowError):  # ragged or nested lists
+        labels = np.empty(0, dtype=object)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != count:
+        raise _tampered(where, f"'{key}' is not a list of {count} integer labels")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise _tampered(where, f"'{key}' holds label {int(bad[0])}, outside the {num_classes} classes")
+    return labels.astype(np.int64)
 
 
 def read_cifar_tarball(path: str | Path) -> ImageCollection:
@@ -86,41 +141,54 @@ def read_cifar_tarball(path: str | Path) -> ImageCollection:
 
     Returns an in-memory collection of ``[N, 32, 32, 3]`` uint8 images with labels and class names;
     for CIFAR-100, ``superclasses`` holds each fine class's coarse class (20 superclasses).
+
+    Raises:
+        DatasetError: a truncated or corrupt archive, or batches that do not hold uint8 ``[N, 3072]`` images with
+            one in-range label each (the message names the member).
     """
     path = Path(path)
     with open_tar(path) as tar:
         try:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise DatasetError(f"{path}: cannot list the tar archive ({err}); download it again") from None
         batches = sorted(n for n in members if n.startswith("data_batch_"))
         if batches and "batches.meta" in members:  # CIFAR-10
-            parts = [_unpickle_member(tar, members[n], path) for n in batches]
+            parts = [(members[n].name, _unpickle_member(tar, members[n], path)) for n in batches]
+            meta_name = members["batches.meta"].name
             meta = _unpickle_member(tar, members["batches.meta"], path)
-            label_key, classes = "labels", ClassInfo(class_names=_strings(meta["label_names"]))
+            label_key, coarse_names = "labels", None
+            class_names = _strings(meta, "label_names", f"{path}:{meta_name}")
         elif "train" in members and "meta" in members:  # CIFAR-100
-            parts = [_unpickle_member(tar, members["train"], path)]
+            parts = [(members["train"].name, _unpickle_member(tar, members["train"], path))]
+            meta_name = members["meta"].name
             meta = _unpickle_member(tar, members["meta"], path)
             label_key = "fine_labels"
-            fine = np.concatenate([np.asarray(p["fine_labels"]) for p in parts])
-            coarse = np.concatenate([np.asarray(p["coarse_labels"]) for p in parts])
-            fine_names = _strings(meta["fine_label_names"])
-            superclasses = [0] * len(fine_names)
-            for f, c in zip(fine.tolist(), coarse.tolist(), strict=True):
-                superclasses[f] = c
-            classes = ClassInfo(class_names=fine_names, superclasses=superclasses,
-                                superclass_names=_strings(meta["coarse_label_names"]))
+            class_names = _strings(meta, "fine_label_names", f"{path}:{meta_name}")
+            coarse_names = _strings(meta, "coarse_label_names", f"{path}:{meta_name}")
         else:
             raise DatasetError(f"{path}: not a CIFAR-10/100 python archive (no data_batch_* + batches.meta, "
                                "nor train + meta); give the python version of the tarball")
-    try:
-        data = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts])
-        labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
-        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    except (KeyError, ValueError) as err:
-        raise DatasetError(f"{path}: CIFAR batch has an unexpected layout ({err}); download it again") from None
-    names = [f"{i:05d}" for i in range(len(images))]
-    return ImageCollection(source=path, names=names, labels=labels, classes=classes, arrays=images)
+    images, labels, superclasses, seen = [], [], [0] * len(class_names), set()
+    for name, batch in parts:
+        where = f"{path}:{name}"
+        data = _pixels(batch, where)
+        fine = _class_labels(batch, label_key, len(data), len(class_names), where)
+        images.append(data)
+        labels.append(fine)
+        if coarse_names is not None:
+            coarse = _class_labels(batch, "coarse_labels", len(data), len(coarse_names), where)
+            for f, c in zip(fine.tolist(), coarse.tolist(), strict=True):
+                if f in seen and superclasses[f] != c:
+                    raise _tampered(where, f"fine class {f} sits in coarse classes {superclasses[f]} and {c}")
+                superclasses[f] = c
+                seen.add(f)
+    classes = ClassInfo(class_names=class_names)
+    if coarse_names is not None:
+        classes = ClassInfo(class_names=class_names, superclasses=superclasses, superclass_names=coarse_names)
+    pixels = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    names = [f"{i:05d}" for i in range(len(pixels))]
+    return ImageCollection(source=path, names=names, labels=np.concatenate(labels), classes=classes, arrays=pixels)
 
 
 def read_inat_annotations(path: str | Path) -> ImageCollection:
@@ -173,12 +241,19 @@ def read_inat_annotations(path: str | Path) -> ImageCollection:
                            classes=classes, storage=_FolderStorage(path.parent, names))
 
 
+def _is_tarfile(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (tarfile.TarError, EOFError, OSError, zlib.error):  # a damaged compressed stream, e.g. a bad gzip
+        return False
+
+
 def open_source(path: str | Path) -> ImageCollection:
     """Open any convertible source: image folder, dataset zip, CIFAR python tarball, or iNat annotation file."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
         return read_inat_annotations(path)
-    if path.is_file() and tarfile.is_tarfile(path):
+    if path.is_file() and _is_tarfile(path):
         return read_cifar_tarball(path)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         raise DatasetError(f"{path}: not a readable tar archive; the download is truncated or corrupt: "

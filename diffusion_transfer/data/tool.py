@@ -10,10 +10,13 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .archive import DatasetError
+from PIL import Image
+
+from .archive import DatasetError, one_line
 from .datasets import open_dataset
 from .longtail import PROFILES, make_longtail
 from .shapes import DOMAINS, make_shapes
@@ -111,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # An image over PIL's decompression-bomb limit (often a damaged header claiming a huge size) is an error
+        # that names the file, not a warning printed above it.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     start = time.perf_counter()
     try:
@@ -144,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_info(info)
     except (DatasetError, FileNotFoundError, ImportError) as err:
-        print(f"diffusion-transfer-data: error: {err}", file=sys.stderr)
+        print(f"diffusion-transfer-data: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffusion-transfer-data: interrupted; nothing was written", file=sys.stderr)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, safe_torch_load
 from .peft_checkpoint import PEFT_KEY
 
 __all__ = [
@@ -66,12 +65,10 @@ def _missing_file_message(path: Path) -> str:
     name = path.name
     official = name if name in _OFFICIAL_FILES else _OFFICIAL_FILES[0]
     return (
-        f"DiT checkpoint not found: {path}\n"
-        "diffusion_transfer never downloads weights. Get the official DiT weights from the\n"
-        f"facebookresearch/DiT release: {DIT_RELEASE_URL}{official}\n"
-        f"(512 px: {DIT_RELEASE_URL}{_OFFICIAL_FILES[1]})\n"
-        f"and put the file at {path} (the DiT scripts keep them under pretrained_models/),\n"
-        "or pass the path where you stored it. The DiT weights are licensed CC-BY-NC."
+        f"DiT checkpoint not found: {path}; diffusion_transfer never downloads weights. Get the official DiT "
+        f"weights from the facebookresearch/DiT release: {DIT_RELEASE_URL}{official} (512 px: "
+        f"{DIT_RELEASE_URL}{_OFFICIAL_FILES[1]}) and put the file at {path} (the DiT scripts keep them under "
+        "pretrained_models/), or pass the path where you stored it. The DiT weights are licensed CC-BY-NC."
     )
 
 
@@ -103,27 +100,21 @@ def read_dit_state_dict(
 
     Raises:
         FileNotFoundError: the file does not exist; says where to get the official weights.
-        DiTCheckpointError: the pickle holds objects ``weights_only`` refuses, or no state dict is found.
+        DiTCheckpointError: the file is truncated or corrupt, the pickle holds objects ``weights_only`` refuses,
+            or no state dict is found (one line each).
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(_missing_file_message(file))
-    try:
-        with torch.serialization.safe_globals(list(trusted_globals)):
-            obj = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message names the refused class (e.g. "GLOBAL argparse.Namespace"): keep it, add advice.
-        raise DiTCheckpointError(
-            f"{file} holds Python objects that a safe load (torch.load(weights_only=True)) refuses.\n"
-            "Training checkpoints of DiT's train.py store an argparse.Namespace under 'args'.\n"
-            "To proceed, if you trust the file:\n"
-            "  * pass trusted_globals=[argparse.Namespace] (or the class named below) to allow it, or\n"
-            "  * convert it once to a plain state dict: "
-            "ck = torch.load(path, weights_only=False); torch.save(ck['ema'], 'DiT-ema.pt')\n"
-            f"torch said: {err}"
-        ) from err
+    fix = f"get the file again (official weights: {DIT_RELEASE_URL}) or pass another checkpoint"
+    obj = safe_torch_load(
+        file, what="a DiT checkpoint", error=DiTCheckpointError, map_location=map_location,
+        trusted_globals=trusted_globals, missing=_missing_file_message(file), fix=fix,
+        # The message names the refused class (e.g. "GLOBAL argparse.Namespace"); add the way forward.
+        refused_fix=f"{fix}; a training checkpoint of DiT's train.py stores an argparse.Namespace under 'args': if "
+                    "that is the refused global and you trust the file, allow it with "
+                    "trusted_globals=[argparse.Namespace]",
+    )
 
     if isinstance(obj, Mapping) and PEFT_KEY in obj:
         base = obj[PEFT_KEY].get("base") if isinstance(obj[PEFT_KEY], Mapping) else None

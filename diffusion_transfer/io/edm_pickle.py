@@ -28,6 +28,7 @@ import io
 import os
 import pickle
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, one_line_reason, safe_torch_load, unreadable_message
 
 __all__ = [
     "EDM_RELEASE_URL",
@@ -50,6 +51,7 @@ __all__ = [
 
 #: Where NVlabs publishes the EDM networks (CC BY-NC-SA 4.0; never fetched by this library).
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+_FIX = f"get the file again (official EDM networks: {EDM_RELEASE_URL}) or pass another network pickle"
 PERSISTENCE_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 # Precond attributes worth reporting (whichever the class has).
@@ -100,10 +102,11 @@ def _persistent_stub(meta: Any) -> PersistentObject:
     return PersistentObject(meta["class_name"], meta["state"], len(source) if isinstance(source, str) else 0)
 
 
-def _load_storage(data: bytes) -> Any:
+def _load_storage(data: bytes, source: str = "an EDM network pickle") -> Any:
     # EDM's pickles nest each storage as a torch.save blob (zip or legacy format); weights_only reads both and
-    # cannot run code.
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    # cannot run code. A blob that holds anything else is refused, naming the outer file.
+    return safe_torch_load(io.BytesIO(data), name=f"{source} (a torch storage blob inside it)",
+                           what="a tensor storage", error=EDMPickleError, fix=_FIX)
 
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
@@ -117,7 +120,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     PERSISTENCE_HOOK: _persistent_stub,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _load_storage,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
@@ -141,6 +143,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source = str(source)
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # bound to the file its errors name
+            return partial(_load_storage, source=self.source)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch.nn.modules.container":
@@ -235,10 +239,9 @@ class EDMNetwork:
 
 def _missing_message(file: Path) -> str:
     return (
-        f"EDM network pickle not found: {file}\n"
-        "diffusion_transfer never downloads weights. Get the official EDM networks from the NVlabs/edm release,\n"
-        f"e.g. {EDM_RELEASE_URL}edm-cifar10-32x32-cond-vp.pkl (licensed CC BY-NC-SA 4.0),\n"
-        f"and put the file at {file}, or pass the path where you stored it."
+        f"EDM network pickle not found: {file}; diffusion_transfer never downloads weights. Get the official EDM "
+        f"networks from the NVlabs/edm release, e.g. {EDM_RELEASE_URL}edm-cifar10-32x32-cond-vp.pkl (licensed "
+        f"CC BY-NC-SA 4.0), and put the file at {file}, or pass the path where you stored it."
     )
 
 
@@ -254,7 +257,8 @@ def read_edm_pickle(path: str | os.PathLike[str], entry: str = "ema") -> EDMNetw
 
     Raises:
         FileNotFoundError: no such file (the message says where the official files are published).
-        EDMPickleError: a refused global, a file that is not a pickle, or not an EDM network pickle.
+        EDMPickleError: a refused global (also inside a nested storage blob), a truncated or corrupt file, or not an
+            EDM network pickle; one line that names the file.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -266,8 +270,8 @@ def read_edm_pickle(path: str | os.PathLike[str], entry: str = "ema") -> EDMNetw
         message = str(err)
         raise EDMPickleError(message if str(file) in message else f"{file}: {message}") from None
     except Exception as err:  # noqa: BLE001 - any parse failure means "not a readable pickle"
-        raise EDMPickleError(f"{file} could not be read as an EDM network pickle: {type(err).__name__}: {err}") \
-            from err
+        raise EDMPickleError(unreadable_message(file, "an EDM network pickle", one_line_reason(err), _FIX)) \
+            from None
     if not isinstance(data, dict) or entry not in data:
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise EDMPickleError(f"{file} has no '{entry}' entry (found {found}); EDM network pickles hold 'ema', "

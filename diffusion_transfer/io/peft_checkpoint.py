@@ -20,10 +20,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 
 __all__ = ["PEFT_KEY", "base_path", "checkpoint_bytes", "expand_state", "fingerprint", "peft_checkpoint_info",
            "require_base", "shrink_checkpoint"]
@@ -144,7 +143,7 @@ def peft_checkpoint_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     Works for full checkpoints too (``peft`` is then False and every parameter counts as stored).
     """
     file = Path(path)
-    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(file, what="a checkpoint", fix=CKPT_FIX)
     record = ckpt.get(PEFT_KEY)
     state = ckpt["state_dict"]
     stored = sum(v.numel() for v in state.values() if v.is_floating_point())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, safe_torch_load
 from .dit_checkpoint import LoadReport, _fmt_shape, _is_state_dict, _listing
 from .edm_pickle import EDM_RELEASE_URL, EDMNetwork, read_edm_pickle
 
@@ -58,15 +57,17 @@ class UNetLoadReport(LoadReport):
 
 
 def _torch_load(file: Path) -> object:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UNetCheckpointError(
-            f"{file} holds Python objects that a safe load (torch.load(weights_only=True)) refuses. If you trust "
-            "the file, save its state dict alone (torch.save(ck['ema_model'], 'net.pt')) and pass that.\n"
-            f"torch said: {err}") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UNetCheckpointError(f"{file} could not be read by torch.load: {err}") from err
+    fix = "copy the file again from where it was trained or published, or pass another checkpoint"
+    return safe_torch_load(
+        file, what="a U-Net checkpoint", error=UNetCheckpointError, missing=_missing_message(file), fix=fix,
+        refused_fix=f"{fix}; if it is a pytorch-ddpm / CBDM / T2H checkpoint you trust, save its state dict alone "
+                    "(torch.save(ck['ema_model'], 'net.pt')) where its code is installed, and pass that")
+
+
+def _missing_message(file: Path) -> str:
+    return (f"U-Net checkpoint not found: {file}; diffusion_transfer never downloads weights. EDM networks (.pkl) "
+            f"are published at {EDM_RELEASE_URL}; CBDM / T2H checkpoints are the ckpt_<step>.pt files of their "
+            f"training runs. Put the file at {file} or pass the path where you stored it.")
 
 
 def read_unet_state_dict(path: str | os.PathLike[str], prefer: str = "ema",
@@ -87,11 +88,6 @@ def read_unet_state_dict(path: str | os.PathLike[str], prefer: str = "ema",
     if file.suffix == ".pkl":
         network = read_edm_pickle(file, entry=entry)
         return network.state_dict, "edm-pickle", network
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"U-Net checkpoint not found: {file}\ndiffusion_transfer never downloads weights. EDM networks (.pkl) "
-            f"are published at {EDM_RELEASE_URL}; CBDM / T2H checkpoints are the ckpt_<step>.pt files of their "
-            f"training runs. Put the file at {file} or pass the path where you stored it.")
     obj = _torch_load(file)
     if _is_state_dict(obj):
         state = dict(obj)

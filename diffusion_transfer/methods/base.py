@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..data.archive import DatasetError
 from ..data.seeds import assign_labels
 from ..errors import ConfigError
+from ..io.checkpoint import check_fits
 from ..runtime import destroy_process_group_at_exit
 
 #: Values of ``sample_precision``.
@@ -119,6 +120,13 @@ class DiffusionLightningBase(L.LightningModule):
         # DiT-XL/2-256) must sample from those weights, not from a random initialisation.
         destroy_process_group_at_exit()  # under CPU DDP, before interpreter exit (see runtime.py)
         self.load_pretrained()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a checkpoint that does not fit is refused before any
+        weight is copied (a ``--ckpt_path`` of another architecture, ``load_from_checkpoint``)."""
+        trainer = self._trainer
+        check_fits(self, state_dict, strict=strict, file=trainer.ckpt_path if trainer is not None else None)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a

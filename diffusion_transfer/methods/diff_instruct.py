@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..callbacks.ema import TrainableEMA
 from ..diffusion.edm import EDM, Denoiser, Precond, make_precond
 from ..errors import ConfigError
-from ..io.checkpoint import CheckpointError
+from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.generator import DCGANGenerator
 from .base import _adamw, _seeded, _step_seed
@@ -220,7 +220,7 @@ class DiffInstruct(EDMDiffusion):
             check_same_precond(precond_of(report.network), self.process.precond, path)
             resolution = report.network.model_kwargs.get("img_resolution")
         elif report.source == "lightning":
-            hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+            hparams = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True).get("hyper_parameters", {})
             if "precond" not in hparams:
                 raise CheckpointError(f"{path} is not a checkpoint of an EDM denoiser (no precond in its "
                                       f"hyper-parameters). {fix}")

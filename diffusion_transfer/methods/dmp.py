@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import ConfigError
+from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from ..nets.dit import DiT
 from ..nets.dmp import MixtureOfPrompts, balance_loss
 from .diffusion import Diffusion, dit_loss
@@ -70,8 +71,8 @@ def check_base_process(path: str | os.PathLike[str], hparams: dict[str, Any]) ->
     memory-mapped, so its tensors are not read again.
     """
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a zip-format torch file: no recorded process to compare
+        saved = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True)
+    except (CheckpointError, FileNotFoundError):  # the base load that follows reports the file
         return
     recorded = saved.get("hyper_parameters") if isinstance(saved, dict) else None
     if not isinstance(recorded, dict):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io.checkpoint import CheckpointError
+from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from ..io.peft_checkpoint import (
     PEFT_KEY,
     base_path,
@@ -104,7 +104,7 @@ class BaseReferencedCheckpoint:
         Raises:
             CheckpointError: ``path`` is a full checkpoint (no base to re-attach to; use ``load_from_checkpoint``).
         """
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX)
         if PEFT_KEY not in saved:
             raise CheckpointError(f"{path} holds no '{PEFT_KEY}' entry, so it stores the full state and refers to no "
                                   f"base; load it with {cls.__name__}.load_from_checkpoint")

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..io.checkpoint import safe_torch_load
 from ..runtime import destroy_process_group_at_exit
 from .functional import MetricError
 
@@ -178,13 +179,10 @@ class ClassifierFeatures(FeatureExtractor):
 def load_feature_classifier(path: str | os.PathLike[str]) -> ClassifierFeatures:
     """A trained :class:`FeatureClassifier` from its Lightning checkpoint (loaded with ``weights_only=True``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature classifier checkpoint not found; train it with "
-                                "`diffusion-transfer fit --config configs/features/<dataset>.yaml`")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt file or a pickle that needs code: one clear message
-        raise MetricError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
+    train = "`diffusion-transfer fit --config configs/features/<dataset>.yaml`"
+    checkpoint = safe_torch_load(path, what="a feature classifier checkpoint", error=MetricError,
+                                 missing=f"{path}: feature classifier checkpoint not found; train it with {train}",
+                                 fix=f"train it again with {train}")
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(key.startswith("trunk.") for key in state):

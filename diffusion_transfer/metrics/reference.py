@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..io.checkpoint import one_line_reason
 from .functional import MetricError
 
 MAX_CLASS_MOMENT_ENTRIES = 1 << 26  # 512 MiB of float64 per-class second moments at most
@@ -58,8 +59,8 @@ class ReferenceStats:
             with np.load(path, allow_pickle=False) as data:
                 fields = {key: data[key] for key in data.files}
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise MetricError(f"{path}: not a readable .npz of reference statistics ({err}); delete it so it is "
-                              "computed again, or point to another file") from err
+            raise MetricError(f"{path}: not a readable .npz of reference statistics ({one_line_reason(err)}); delete "
+                              "it so it is computed again, or point to another file") from None
         if "mu" not in fields or "sigma" not in fields:
             raise MetricError(f"{path}: reference statistics need arrays 'mu' and 'sigma', found {sorted(fields)}")
 
