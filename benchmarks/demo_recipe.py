@@ -4,8 +4,10 @@
     python benchmarks/demo_recipe.py --recipes baseline,patch2 [--seed 0] [--num-images 200]
     python benchmarks/demo_recipe.py --recipes unet --resample '{"sampler": "ddpm", "steps": 250}'
 
-Each recipe trains a DiT from scratch with ``configs/diffusion/shapes16_pretrain.yaml`` plus its overrides, on the
-"outline" shapes (the demo's target domain: what the samples must look like), and ends with one evaluation of
+A ``RECIPES`` entry trains a DiT (or the U-Net) from scratch with ``configs/diffusion/shapes16_pretrain.yaml`` plus
+its overrides, on the "outline" shapes (the demo's target domain: what the samples must look like). A ``TRANSFERS``
+entry fine-tunes the cached pre-trained U-Net with ``configs/quickstart.yaml`` plus its overrides, as ``make demo``
+does (``make runs/demo/checkpoints/pretrained-filled-unet.ckpt`` first). Each run ends with one evaluation of
 ``--num-images`` samples at seeds from 100000 on (never used in training): class accuracy by the target's
 FeatureClassifier, precision/recall (k = 3) and FID in its 32-d features. Wall time is the whole ``fit``
 (training and the final evaluation). Each run's sample grid is kept under ``--work``; look at it.

@@ -1,4 +1,5 @@
-"""``ImageWriter``: write ``predict`` samples as ``{seed:06d}.png`` files, and optionally a dataset zip."""
+"""``ImageWriter``: write ``predict`` samples as ``{seed:06d}.png`` files, a grid beside them, and optionally a dataset
+zip; ``save_image_grid``, the one PNG grid writer (also of the validation grids)."""
 
 from __future__ import annotations
 
@@ -46,14 +47,16 @@ class ImageWriter(BasePredictionWriter):
     ``labels`` (``[B]``). Each file is written under a temporary name and renamed, so an interrupted run
     never leaves a half-written PNG. With ``zip_path``, rank 0 packs all images (in seed order) into a
     StyleGAN/EDM dataset zip with their labels once prediction ends; that is how replay banks of
-    pre-trained samples are built.
+    pre-trained samples are built. Rank 0 also writes the run's first ``GRID_IMAGES`` images as one PNG grid
+    beside the folder (``<output_dir>-grid.png``, path in ``grid_path``), not inside it, so tools that read the
+    folder see samples only.
 
     Args:
         output_dir: folder for the PNGs (created).
         zip_path: optional dataset zip to write at the end.
     """
 
-    #: at most this many of a run's images go into its ``grid.png``
+    #: at most this many of a run's images go into its grid (``<output_dir>-grid.png``)
     GRID_IMAGES = 100
 
     def __init__(self, output_dir: str = "samples", zip_path: str | None = None) -> None:
