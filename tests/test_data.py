@@ -120,10 +120,64 @@ def test_convert_two_level_folder_gives_superclasses(tmp_path: Path) -> None:
     _write_folder(tmp_path / "src", images, ["bird/owl/a.png", "bird/wren/b.png", "fish/cod/c.png",
                                              "fish/cod/d.png"])
     convert(tmp_path / "src", tmp_path / "out.zip", progress=False)
-    classes = ZipImageDataset(tmp_path / "out.zip").collection.classes
-    assert classes.class_names == ["owl", "wren", "cod"]
-    assert classes.superclasses == [0, 0, 1]
+    dataset = ZipImageDataset(tmp_path / "out.zip")
+    classes = dataset.collection.classes
+    assert classes.class_names == ["cod", "owl", "wren"]  # sorted class-folder names, as a flat cod/ owl/ wren/
+    assert classes.superclasses == [1, 0, 0]
     assert classes.superclass_names == ["bird", "fish"]
+    assert dataset.labels.tolist() == [1, 2, 0, 0]
+
+
+def test_flat_and_two_level_folders_of_the_same_classes_give_identical_labels(tmp_path: Path) -> None:
+    # Superclass order (alpha < mid < zeta) disagrees with class order (a < b < c < d) on purpose.
+    images = random_images(8, seed=6)
+    files = {"a": ["1.png", "2.png"], "b": ["1.png"], "c": ["7.png", "8.png", "9.png"], "d": ["1.png", "5.png"]}
+    parent = {"a": "zeta", "b": "alpha", "c": "mid", "d": "alpha"}
+    leaves = [f"{c}/{f}" for c, names in files.items() for f in names]
+    _write_folder(tmp_path / "flat", images, leaves)
+    _write_folder(tmp_path / "nested", images, [f"{parent[leaf.split('/')[0]]}/{leaf}" for leaf in leaves])
+    flat, nested = ImageFolderDataset(tmp_path / "flat"), ImageFolderDataset(tmp_path / "nested")
+    label_of = {}
+    for dataset, root in ((flat, tmp_path / "flat"), (nested, tmp_path / "nested")):
+        for name, label in zip(dataset.collection.names, dataset.labels.tolist(), strict=True):
+            assert label_of.setdefault(Image.open(root / name).tobytes(), label) == label  # same image, same label
+    assert sorted(label_of.values()) == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert flat.collection.classes.class_names == nested.collection.classes.class_names == ["a", "b", "c", "d"]
+    hierarchy = nested.collection.classes
+    assert hierarchy.superclass_names == ["alpha", "mid", "zeta"] and hierarchy.superclasses == [2, 0, 1, 0]
+    # Converted zips carry the same numbering.
+    for name in ("flat", "nested"):
+        convert(tmp_path / name, tmp_path / f"{name}.zip", progress=False)
+    a, b = ZipImageDataset(tmp_path / "flat.zip"), ZipImageDataset(tmp_path / "nested.zip")
+    by_pixels = {a[i][0].numpy().tobytes(): a[i][1] for i in range(len(a))}
+    assert all(by_pixels[b[i][0].numpy().tobytes()] == b[i][1] for i in range(len(b)))
+    assert b.collection.classes.superclasses == [2, 0, 1, 0]
+
+
+def test_one_class_name_under_two_superclasses_is_an_error_naming_both(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "src", random_images(3), ["birds/other/a.png", "fish/other/b.png", "fish/cod/c.png"])
+    with pytest.raises(DatasetError, match="class folder 'other' sits in two superclasses, 'birds/other' and "
+                                           "'fish/other'"):
+        ImageFolderDataset(tmp_path / "src")
+
+
+@pytest.mark.parametrize(("layout", "empty", "what"), [
+    (["a/1.png", "c/1.png"], "b", "empty class folder"),
+    (["s/a/1.png", "t/c/1.png"], "s/b", "empty class folder"),
+    (["s/a/1.png", "t/c/1.png"], "u", "empty superclass folder"),
+])
+def test_an_empty_class_folder_is_an_error_that_names_it(tmp_path: Path, layout, empty, what) -> None:
+    _write_folder(tmp_path / "src", random_images(len(layout)), layout)
+    (tmp_path / "src" / empty).mkdir()
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'src' / empty}: {what} .*add images to it or delete it"):
+        ImageFolderDataset(tmp_path / "src")
+    (tmp_path / "src" / empty / "notes.txt").write_text("no image here")  # still no class
+    with pytest.raises(DatasetError, match=what):
+        ImageFolderDataset(tmp_path / "src")
+    (tmp_path / "src" / empty / "notes.txt").unlink()
+    (tmp_path / "src" / empty).rmdir()
+    (tmp_path / "src" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    assert ImageFolderDataset(tmp_path / "src").num_classes == 2
 
 
 def test_convert_flat_folder_and_zip_source(tmp_path: Path) -> None:
@@ -246,6 +300,70 @@ def test_shapes_deterministic_by_seed(tmp_path: Path) -> None:
     dataset = ZipImageDataset(tmp_path / "a.zip")
     assert len(dataset) == 3 * NUM_CLASSES and dataset.class_counts == [3] * NUM_CLASSES
     assert dataset.collection.classes.superclass_names == ["circle", "square", "triangle", "cross"]
+
+
+# sha256 of make_shapes(resolution=16, per_class=3, seed=0, ...) zips, computed before the ``kinds`` option existed.
+DEFAULT_SHAPES_SHA256 = {
+    ("filled", 5): "95031ef664b1c38a642407721faa2846ae58b990c66db17f537e31070a785001",
+    ("outline", 8): "225883534edc5269f5b94fcff16275b3308d509788496e32724de629a1280cd3",
+}
+
+
+def test_default_shapes_are_byte_identical_to_before_the_kinds_option(tmp_path: Path) -> None:
+    import hashlib
+
+    for (domain, colours), digest in DEFAULT_SHAPES_SHA256.items():
+        make_shapes(tmp_path / "s.zip", resolution=16, per_class=3, seed=0, domain=domain, colours=colours)
+        assert hashlib.sha256((tmp_path / "s.zip").read_bytes()).hexdigest() == digest, (domain, colours)
+
+
+def _rotation_min_distances(domain: str, res: int) -> np.ndarray:
+    """``[8, 8]``: mean |coverage difference| of two kinds (base then novel), centred at the same size, minimised
+    over 120 rotations of the second: how unlike each other the kinds stay, whatever their rotation."""
+    from diffusion_transfer.data.shapes import shape_coverage
+
+    rotations = np.linspace(0.0, 2.0 * np.pi, 120, endpoint=False)
+
+    def masks(theta: np.ndarray) -> np.ndarray:
+        n = len(theta)
+        return np.stack([shape_coverage(np.full(n, k), res, domain, np.full(n, 0.28 * res), np.full((n, 2), res / 2),
+                                        theta, kinds) for kinds in ("base", "novel") for k in range(4)])
+
+    upright, turned = masks(np.zeros(1))[:, 0], masks(rotations)
+    distance = np.abs(upright[:, None, None] - turned[None]).mean(axis=(-1, -2)).min(axis=2)
+    return np.minimum(distance, distance.T)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_novel_shape_kinds_differ_from_each_other_and_from_the_base_kinds_at_16px(domain: str) -> None:
+    from diffusion_transfer.data.shapes import NOVEL_SHAPES, SHAPES
+
+    d = _rotation_min_distances(domain, 16)
+    names = SHAPES + NOVEL_SHAPES
+    novel_pairs = [(i, j) for i in range(4, 8) for j in range(4, 8) if i < j]
+    # Measured (filled / outline): the closest novel pair is star-arrow 0.070 / hexagon-arrow 0.127 ...
+    assert min(d[i, j] for i, j in novel_pairs) > (0.06 if domain == "filled" else 0.1), d
+    # ... and the closest novel-base pair hexagon-circle 0.027 / 0.053 (the base circle-square pair: 0.053 / 0.103).
+    assert min(d[i, j] for i in range(4, 8) for j in range(4)) > (0.02 if domain == "filled" else 0.04), d
+    ring, circle = names.index("ring"), names.index("circle")
+    assert d[ring, circle] > 0.07  # a thick annulus vs a disc; a double outline vs a single one
+
+
+def test_novel_shapes_dataset_names_classes_and_records_kinds(tmp_path: Path) -> None:
+    from diffusion_transfer.data.shapes import NOVEL_SHAPES
+
+    for domain in DOMAINS:
+        meta = make_shapes(tmp_path / f"{domain}.zip", resolution=8, per_class=2, seed=0, domain=domain, colours=3,
+                           kinds="novel")
+        assert meta["class_names"] == [f"{c} {k}" for k in NOVEL_SHAPES for c in ("red", "green", "blue")]
+        assert meta["superclass_names"] == list(NOVEL_SHAPES) and meta["superclasses"] == [c // 3 for c in range(12)]
+        assert meta["shapes"]["kinds"] == "novel" and meta["class_counts"] == [2] * 12
+    make_shapes(tmp_path / "base.zip", resolution=8, per_class=2, seed=0, colours=3)
+    assert not np.array_equal(_pixels(ZipImageDataset(tmp_path / "filled.zip")),
+                              _pixels(ZipImageDataset(tmp_path / "base.zip")))
+    with pytest.raises(DatasetError, match="unknown shapes kinds 'odd'; choose one of base, novel"):
+        make_shapes(tmp_path / "x.zip", kinds="odd")
+    assert not (tmp_path / "x.zip").exists()
 
 
 def test_shapes_domains_differ_in_style_and_classes_in_colour() -> None:

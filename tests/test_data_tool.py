@@ -72,6 +72,16 @@ def test_shapes_info_longtail_commands(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 0 and "long-tailed subset of s.zip" in out and "[cross]" in out
 
 
+def test_shapes_command_novel_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_tool(capsys, "shapes", tmp_path / "n.zip", "--per-class", 2, "--kinds", "novel",
+                            "--colours", 2, "--resolution", 8, "--domain", "outline")
+    assert code == 0 and "16 images" in out and "8 classes (star, hexagon, ring, arrow)" in out
+    code, out, _ = run_tool(capsys, "info", tmp_path / "n.zip", "--json")
+    info = json.loads(out)
+    assert info["class_names"][:3] == ["red star", "green star", "red hexagon"]
+    assert info["superclass_names"] == ["star", "hexagon", "ring", "arrow"] and info["shapes"]["kinds"] == "novel"
+
+
 def test_console_script_module_reports_errors_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "diffusion_transfer.data.tool", "info", str(tmp_path / "no.zip")],
                             capture_output=True, text=True, timeout=120)
@@ -142,7 +152,131 @@ def test_truncated_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     expect_error(capsys, "convert", tmp_path / "bad.zip", tmp_path / "out.zip", names="bad.zip:b.png",
                  says="truncated or corrupt")
     no_partial_output(tmp_path)
-    expect_error(capsys, "info", tmp_path / "bad.zip", "--verify", names="b.png", says="truncated or corrupt")
+    # A zip is not edited: the fix is to rebuild it.
+    expect_error(capsys, "info", tmp_path / "bad.zip", "--verify", names="bad.zip:b.png",
+                 says=f"re-create the zip from its source images with `diffusion-transfer-data convert SRC "
+                      f"{tmp_path / 'bad.zip'}`")
+
+
+@pytest.mark.parametrize("cut", [0, 20, 45, None])  # empty, in the header, in IHDR, half the file
+def test_corrupt_image_in_a_folder_names_the_file_and_the_folder_fix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: int | None) -> None:
+    images = random_images(3)
+    src = tmp_path / "src"
+    for rel, image in zip(["cat/1.png", "cat/2.png", "dog/1.png"], images, strict=True):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = _png(image)
+        (src / rel).write_bytes(data[: len(data) // 2 if cut is None else cut] if rel == "cat/2.png" else data)
+    bad = src / "cat" / "2.png"
+    for argv in (("info", src, "--verify"), ("convert", src, tmp_path / "out.zip")):
+        code, _, err = run_tool(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"diffusion-transfer-data: error: {bad}: ") and err.strip().endswith(
+            f"replace or delete {bad}"), err
+        assert "dataset.json" not in err and " at 0x" not in err, err  # no folder has one; no object reprs
+    no_partial_output(tmp_path)
+    # With a dataset.json beside the images, deleting the image means deleting its entry too.
+    (src / "dataset.json").write_text(json.dumps({"labels": [["cat/1.png", 0], ["cat/2.png", 0], ["dog/1.png", 1]]}))
+    expect_error(capsys, "info", src, "--verify", names=str(bad),
+                 says=f"replace {bad}, or delete it and its entry in {src / 'dataset.json'}")
+
+
+def test_corrupt_image_of_an_annotation_file_names_its_entry(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "imgs").mkdir()
+    data = _png(random_images(1)[0])
+    (tmp_path / "imgs" / "0.png").write_bytes(data)
+    (tmp_path / "imgs" / "1.png").write_bytes(data[:40])
+    meta = {"images": [{"id": i, "file_name": f"imgs/{i}.png"} for i in range(2)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 0} for i in range(2)],
+            "categories": [{"id": 0, "name": "oak", "supercategory": "Plants"}]}
+    (tmp_path / "train_mini.json").write_text(json.dumps(meta))
+    bad = tmp_path / "imgs" / "1.png"
+    expect_error(capsys, "convert", tmp_path / "train_mini.json", tmp_path / "out.zip", names=str(bad),
+                 says=f"replace {bad}, or delete it and its entry in {tmp_path / 'train_mini.json'}")
+
+
+def test_decoder_errors_never_show_object_reprs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(_png(random_images(1)[0]))
+
+    def broken_open(fp, *args, **kwargs):
+        raise OSError(f"cannot read {fp!r}")  # as some PIL decoders word it
+
+    monkeypatch.setattr("diffusion_transfer.data.archive.Image.open", broken_open)
+    expect_error(capsys, "info", tmp_path / "src", "--verify", names="a.png", says="(OSError: cannot read the file)")
+
+
+def _image_folder(root: Path) -> None:
+    """Class folders of images in the modes that used to warn: grayscale (a non-writable array for torch) and a
+    palette image with transparency (PIL asks for RGBA first)."""
+    gray, rgb = random_images(2, channels=1, seed=1), random_images(2, seed=2)
+    (root / "g").mkdir(parents=True)
+    (root / "p").mkdir()
+    for i in range(2):
+        Image.fromarray(gray[i]).save(root / "g" / f"{i}.png")
+        Image.fromarray(rgb[i]).convert("P").save(root / "p" / f"{i}.png", transparency=3)
+
+
+def test_info_verify_says_verified_and_prints_no_warnings(tmp_path: Path) -> None:
+    _image_folder(tmp_path / "src")
+    src, out = tmp_path / "src", tmp_path / "o.zip"
+    # A fresh interpreter with every warning shown: torch prints its non-writable-array warning once per process.
+    script = ("import sys; from diffusion_transfer.data.tool import main; "
+              f"sys.exit(main(['info', {str(src)!r}, '--verify']) or main(['convert', {str(src)!r}, {str(out)!r}]) "
+              f"or main(['info', {str(out)!r}, '--verify']))")
+    result = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == ["note: converted 2 L image(s) to RGB",
+                                                  "note: converted 2 P image(s) to RGB"]  # and no warning
+    lines = result.stdout.strip().splitlines()
+    assert [line for line in lines if line.startswith("verified")] == ["verified 4 images: OK"] * 2
+    assert lines[4] == lines[-1] == "verified 4 images: OK", lines  # the last line of each info
+
+
+def test_info_without_verify_does_not_claim_it_and_json_counts(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _image_folder(tmp_path / "src")
+    code, out, _ = run_tool(capsys, "info", tmp_path / "src")
+    assert code == 0 and "verified" not in out
+    code, out, _ = run_tool(capsys, "info", tmp_path / "src", "--verify", "--json")
+    assert code == 0 and json.loads(out)["verified"] == 4
+
+
+def test_items_come_from_writable_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from diffusion_transfer.data import ImageFolderDataset
+
+    seen = []
+
+    def from_numpy(array: np.ndarray) -> torch.Tensor:
+        seen.append(array.flags.writeable)  # torch warns (once per process) about a read-only one
+        return torch.tensor(array)
+
+    monkeypatch.setattr("diffusion_transfer.data.datasets.torch.from_numpy", from_numpy)
+    _image_folder(tmp_path / "src")
+    for channels in (1, 3):
+        dataset = ImageFolderDataset(tmp_path / "src", channels=channels)
+        for i in range(len(dataset)):
+            assert dataset[i][0].shape == (channels, 8, 8)
+    assert seen == [True] * 8
+
+
+def test_empty_class_folder_and_layout_numbering_through_the_tool(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    images = random_images(3)
+    for rel, image in zip(["zeta/a/1.png", "alpha/b/1.png", "alpha/c/1.png"], images, strict=True):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "src" / rel)
+    code, out, _ = run_tool(capsys, "info", tmp_path / "src")
+    assert code == 0
+    assert [line.split()[2:] for line in out.splitlines()[2:]] == [["a", "[zeta]"], ["b", "[alpha]"], ["c", "[alpha]"]]
+    (tmp_path / "src" / "alpha" / "d").mkdir()
+    expect_error(capsys, "convert", tmp_path / "src", tmp_path / "out.zip", names=str(tmp_path / "src" / "alpha" / "d"),
+                 says="empty class folder")
+    no_partial_output(tmp_path)
 
 
 def test_truncated_zip(shapes_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,20 @@ An :class:`ImageCollection` reads a zip or a folder the same way: every file wit
 at any depth, sorted by name. Labels come from ``dataset.json`` when there is one; a folder without it
 takes labels from its layout (``class/img.png`` or ``superclass/class/img.png``), a zip without it is
 unlabelled, as in EDM.
+
+Folder layouts, without a ``dataset.json`` (folders whose name starts with ``.`` are not classes):
+
+- flat ``img.png``: unlabelled;
+- ``class/img.png``: one class per folder;
+- ``superclass/class/img.png``: the same classes, each with its superclass.
+
+Class numbering is the same in both labelled layouts: classes are numbered 0..C-1 in the sorted order (Python
+string order, as torchvision's ``ImageFolder``) of their class-folder names, whatever superclass folder holds them,
+so ``a/ b/ c/`` and ``zeta/a/ alpha/b/ alpha/c/`` give ``a=0, b=1, c=2``; superclasses are numbered in the sorted
+order of their folder names (``alpha=0, zeta=1``). A class-folder name may therefore appear under one superclass
+only (two superclasses holding the same name is an error naming both). An empty class or superclass folder (no
+image files inside) is an error that names it rather than a class silently dropped, which would renumber the
+classes after it.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +52,7 @@ UNLABELLED = -1
 """Label served for images of an unlabelled dataset (models map it to their null class)."""
 
 _CORRUPT_HINT = "re-create it with `diffusion-transfer-data convert`"
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 MAX_CLASSES = 1 << 20
@@ -112,6 +128,10 @@ class _ZipStorage:
     def where(self, name: str) -> str:
         return f"{self.path}:{name}"
 
+    def fix(self, name: str) -> str:
+        """What to do about a damaged entry ``name``: a zip is rebuilt from its source, not edited."""
+        return f"re-create the zip from its source images with `diffusion-transfer-data convert SRC {self.path}`"
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_zip"] = None
@@ -120,13 +140,27 @@ class _ZipStorage:
 
 
 class _FolderStorage:
-    """A folder of image files (any depth); ``files`` lists them, or the given names (no folder walk)."""
+    """A folder of image files (any depth).
 
-    def __init__(self, path: Path, files: Sequence[str] | None = None) -> None:
+    ``files`` lists them (POSIX paths relative to ``path``), or the given names (no folder walk); ``folders``
+    lists the sub-folders of a walked folder (empty when names are given). ``index_file`` names the file that
+    lists the images when it is not the folder's own ``dataset.json`` (an iNat annotation file).
+    """
+
+    def __init__(self, path: Path, files: Sequence[str] | None = None, index_file: Path | None = None) -> None:
         self.path = path
-        self.files = sorted(files) if files is not None else sorted(
-            (Path(root) / f).relative_to(path).as_posix() for root, _, files in os.walk(path) for f in files
-        )
+        self.index_file = index_file
+        self.folders: list[str] = []
+        if files is not None:
+            self.files = sorted(files)
+            return
+        found = []
+        for root, dirs, names in os.walk(path):
+            rel = Path(root).relative_to(path)
+            self.folders.extend((rel / d).as_posix() for d in dirs)
+            found.extend((rel / f).as_posix() for f in names)
+        self.files = sorted(found)
+        self.folders.sort()
 
     def read(self, name: str) -> bytes:
         try:
@@ -137,9 +171,31 @@ class _FolderStorage:
     def where(self, name: str) -> str:
         return str(self.path / name)
 
+    def fix(self, name: str) -> str:
+        """What to do about a damaged image ``name``: replace it, or delete it (and its entry where one lists it)."""
+        listed_in = self.index_file or (self.path / METADATA_NAME if METADATA_NAME in self.files else None)
+        if listed_in is not None:
+            return f"replace {self.path / name}, or delete it and its entry in {listed_in}"
+        return f"replace or delete {self.path / name}"
+
 
 # ------------------------------------------------------------------------------------------------
 # Collections: names + labels + class metadata, images decoded on demand.
+
+
+def _describe(err: BaseException) -> str:
+    """``str(err)`` without object reprs such as ``<_io.BytesIO object at 0x7f...>`` (the message names the file)."""
+    return _OBJECT_REPR.sub("the file", str(err))
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` converted to ``mode`` ("RGB" or "L"); a palette image with transparency goes through RGBA first,
+    as PIL asks (it warns otherwise), so the transparent colour keeps its palette value."""
+    if image.mode == mode:
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert(mode)
 
 
 @dataclass
@@ -213,21 +269,22 @@ class ImageCollection:
         """Decode image ``index`` fully (raises :class:`DatasetError` on a corrupt file)."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[index])
-        data = self.storage.read(self.names[index])
+        name = self.names[index]
+        data = self.storage.read(name)
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning, where it is
             # turned into an error (diffusion-transfer-data does): a damaged header can claim a huge size.
-            raise DatasetError(f"{self.where(index)}: {err}; the file is corrupt or far too large for a dataset: "
-                               "replace or shrink it") from None
+            raise DatasetError(f"{self.where(index)}: {_describe(err)}; the file is corrupt or far too large for a "
+                               f"dataset: {self.storage.fix(name)}") from None
         except UnidentifiedImageError:
             raise DatasetError(f"{self.where(index)}: not an image in a format PIL reads; the file is truncated or "
-                               "corrupt: replace it, or remove it and its dataset.json entry") from None
+                               f"corrupt: {self.storage.fix(name)}") from None
         except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (struct.error, IndexError, ...)
             raise DatasetError(
-                f"{self.where(index)}: cannot decode image ({type(err).__name__}: {err}); the file is truncated or "
-                "corrupt: replace it, or remove it and its dataset.json entry"
+                f"{self.where(index)}: cannot decode image ({type(err).__name__}: {_describe(err)}); the file is "
+                f"truncated or corrupt: {self.storage.fix(name)}"
             ) from None
         return image
 
@@ -282,7 +339,7 @@ class ImageCollection:
         if meta is not None:
             labels, classes, extra = _parse_metadata(meta, storage.where(METADATA_NAME), names)
         elif isinstance(storage, _FolderStorage):
-            labels, classes = _labels_from_layout(path, names)
+            labels, classes = _labels_from_layout(path, names, storage.folders)
             extra = {}
         else:
             labels, classes, extra = None, ClassInfo(), {}
@@ -376,8 +433,13 @@ def _list_of(value: Any, kind: type, where: str, key: str) -> list[Any] | None:
     return value
 
 
-def _labels_from_layout(path: Path, names: list[str]) -> tuple[np.ndarray | None, ClassInfo]:
-    """Labels of a folder without dataset.json: flat = unlabelled, ``class/x``, or ``superclass/class/x``."""
+def _labels_from_layout(path: Path, names: list[str],
+                        folders: Sequence[str] = ()) -> tuple[np.ndarray | None, ClassInfo]:
+    """Labels of a folder without dataset.json: flat = unlabelled, ``class/x``, or ``superclass/class/x``.
+
+    Classes are numbered by the sorted class-folder names whatever the superclass level, superclasses by their
+    sorted folder names (the module docstring gives the rule). ``folders``: every sub-folder, to find empty ones.
+    """
     depths = {name.count("/") for name in names}
     if depths == {0}:
         return None, ClassInfo()
@@ -385,22 +447,40 @@ def _labels_from_layout(path: Path, names: list[str]) -> tuple[np.ndarray | None
         raise DatasetError(f"{path}: images sit at mixed depths; use a flat folder, class/image or "
                            "superclass/class/image, or add a dataset.json")
     depth = depths.pop()
+    if depth > 2:
+        raise DatasetError(f"{path}: images are {depth} folders deep; use class/image or superclass/class/image, "
+                           "or add a dataset.json")
+    _check_no_empty_folders(path, names, folders, depth)
     if depth == 1:
         class_dirs = sorted({name.split("/")[0] for name in names})
         index = {c: i for i, c in enumerate(class_dirs)}
         return np.array([index[n.split("/")[0]] for n in names], dtype=np.int64), ClassInfo(class_names=class_dirs)
-    if depth == 2:
-        pairs = sorted({tuple(name.split("/")[:2]) for name in names})
-        super_names = sorted({s for s, _ in pairs})
-        leaf = [c for _, c in pairs]
-        class_names = leaf if len(set(leaf)) == len(leaf) else [f"{s}/{c}" for s, c in pairs]
-        index = {p: i for i, p in enumerate(pairs)}
-        labels = np.array([index[tuple(n.split("/")[:2])] for n in names], dtype=np.int64)
-        return labels, ClassInfo(class_names=class_names,
-                                 superclasses=[super_names.index(s) for s, _ in pairs],
-                                 superclass_names=super_names)
-    raise DatasetError(f"{path}: images are {depth} folders deep; use class/image or superclass/class/image, "
-                       "or add a dataset.json")
+    holder: dict[str, str] = {}  # class folder -> the superclass folder that holds it
+    for parent, leaf in sorted({tuple(name.split("/")[:2]) for name in names}):
+        if leaf in holder:
+            raise DatasetError(f"{path}: class folder '{leaf}' sits in two superclasses, '{holder[leaf]}/{leaf}' and "
+                               f"'{parent}/{leaf}'; classes are numbered by their folder name, so rename one of "
+                               "them or add a dataset.json")
+        holder[leaf] = parent
+    class_names = sorted(holder)
+    super_names = sorted(set(holder.values()))
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = np.array([index[n.split("/")[1]] for n in names], dtype=np.int64)
+    return labels, ClassInfo(class_names=class_names,
+                             superclasses=[super_names.index(holder[c]) for c in class_names],
+                             superclass_names=super_names)
+
+
+def _check_no_empty_folders(path: Path, names: list[str], folders: Sequence[str], depth: int) -> None:
+    """Refuse a class (or superclass) folder without images: dropping it would renumber the classes after it."""
+    with_images = {"/".join(name.split("/")[:level]) for name in names for level in range(1, depth + 1)}
+    empty = [f for f in folders if f.count("/") < depth and f not in with_images
+             and not any(part.startswith(".") for part in f.split("/"))]
+    if empty:
+        what = "class" if empty[0].count("/") == depth - 1 else "superclass"
+        more = f" ({len(empty) - 1} more empty folder(s) after it)" if len(empty) > 1 else ""
+        raise DatasetError(f"{path / empty[0]}: empty {what} folder (no image files inside){more}; add images to it "
+                           "or delete it")
 
 
 # ------------------------------------------------------------------------------------------------

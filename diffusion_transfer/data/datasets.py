@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .archive import UNLABELLED, DatasetError, ImageCollection
+from .archive import UNLABELLED, DatasetError, ImageCollection, to_mode
 
 _CHANNELS_OF_MODE = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1}
 
@@ -83,11 +83,9 @@ class ImageDataset(_CollectionDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.collection.load(index)
         self._check_size(index, image.size)
-        if image.mode != self._mode:
-            image = image.convert(self._mode)
-        array = np.asarray(image, dtype=np.uint8)
+        array = np.asarray(to_mode(image, self._mode), dtype=np.uint8)  # read-only: it shares PIL's buffer
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(array)), self._label(index)
+        return torch.from_numpy(array.copy()), self._label(index)  # a writable, contiguous copy
 
 
 class ZipImageDataset(ImageDataset):

@@ -9,6 +9,12 @@ keeping the classes, so real transfer tasks exist (pre-train on one domain, adap
 - ``filled``:   solid shapes on a dark, softly shaded ground;
 - ``outline``:  outlined shapes on a light, striped ground.
 
+Kind sets (``kinds``) change the classes themselves, for transfer to new classes:
+
+- ``base``:  circle, square, triangle, cross (the default; its datasets are unchanged by the option);
+- ``novel``: star (5 points), hexagon, ring (a thick annulus, drawn as a double outline in ``outline``) and
+  arrow: kinds that ``base`` never has, in the same colours and styles.
+
 Rendering is vectorised in NumPy over whole batches with signed distance functions and a one-pixel
 anti-aliasing ramp, so thousands of 16x16 images take a fraction of a second.
 """
@@ -23,6 +29,9 @@ import numpy as np
 from .archive import ClassInfo, DatasetError, write_dataset_zip
 
 SHAPES = ("circle", "square", "triangle", "cross")
+NOVEL_SHAPES = ("star", "hexagon", "ring", "arrow")
+KIND_SETS = {"base": SHAPES, "novel": NOVEL_SHAPES}
+"""Shape kinds of each ``kinds`` option; class c of a set with k colours is kind ``c // k`` of the set."""
 PALETTE = {
     "red": (220, 50, 47),
     "green": (60, 180, 75),
@@ -45,17 +54,24 @@ def _check_colours(colours: int) -> None:
         raise DatasetError(f"shapes --colours must be in 1..{len(PALETTE)}, got {colours}")
 
 
-def shapes_classes(colours: int = DEFAULT_COLOURS) -> ClassInfo:
+def _kind_set(kinds: str) -> tuple[str, ...]:
+    if kinds not in KIND_SETS:
+        raise DatasetError(f"unknown shapes kinds '{kinds}'; choose one of {', '.join(KIND_SETS)}")
+    return KIND_SETS[kinds]
+
+
+def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base") -> ClassInfo:
     """Class names (``"red circle"`` ...) and the class -> shape-kind hierarchy, for ``colours`` colours."""
     _check_colours(colours)
+    shapes = _kind_set(kinds)
     palette = list(PALETTE)[:colours]
-    names = [f"{colour} {shape}" for shape in SHAPES for colour in palette]
-    superclasses = [c // colours for c in range(len(SHAPES) * colours)]
-    return ClassInfo(class_names=names, superclasses=superclasses, superclass_names=list(SHAPES))
+    names = [f"{colour} {shape}" for shape in shapes for colour in palette]
+    superclasses = [c // colours for c in range(len(shapes) * colours)]
+    return ClassInfo(class_names=names, superclasses=superclasses, superclass_names=list(shapes))
 
 
-def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Signed distance (negative inside) in shape units of each shape kind ``[B]`` on grids ``[B, H, W]``."""
+def _base_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    """Signed distances (negative inside, shape units) of circle, square, triangle and cross."""
     circle = np.sqrt(u**2 + v**2) - 1.0
     square = np.maximum(np.abs(u), np.abs(v)) - 0.8
     # Equilateral triangle: the largest of three half-plane distances (normals 120 degrees apart).
@@ -63,20 +79,88 @@ def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarr
     triangle = np.max([np.cos(a) * u + np.sin(a) * v for a in angles], axis=0) - 0.56
     bar = 0.32
     cross = np.minimum(np.maximum(np.abs(u) - 1.0, np.abs(v) - bar), np.maximum(np.abs(u) - bar, np.abs(v) - 1.0))
-    stacked = np.stack([circle, square, triangle, cross])  # [K, B, H, W]
+    return [circle, square, triangle, cross]
+
+
+def _segment_distance(px: np.ndarray, py: np.ndarray, a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+    """Distance from points ``(px, py)`` to the segment ``a``-``b``."""
+    ex, ey = b[0] - a[0], b[1] - a[1]
+    t = np.clip(((px - a[0]) * ex + (py - a[1]) * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+    return np.hypot(px - a[0] - t * ex, py - a[1] - t * ey)
+
+
+def _novel_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    """Signed distances (negative inside, shape units) of star, hexagon, ring and arrow."""
+    rho, phi = np.hypot(u, v), np.arctan2(v, u)
+    # Star, 5 points of radius 1.05, inner corners at 0.5: fold the angle into the half-sector [0, 36 deg] between
+    # a point (on the u axis) and the next inner corner; the edge joining them is the nearest part of the outline.
+    half = np.pi / 5
+    folded = np.abs(np.mod(phi + half, 2 * half) - half)
+    px, py = rho * np.cos(folded), rho * np.sin(folded)
+    tip, corner = (1.05, 0.0), (0.5 * np.cos(half), 0.5 * np.sin(half))
+    outside = (px - tip[0]) * (corner[1] - tip[1]) - (py - tip[1]) * (corner[0] - tip[0]) > 0
+    star = _segment_distance(px, py, tip, corner) * np.where(outside, 1.0, -1.0)
+    # Regular hexagon with apothem 0.9 (corners at 1.04): the largest of three slab distances.
+    hexagon = np.max([np.abs(np.cos(a) * u + np.sin(a) * v) for a in np.deg2rad([0.0, 60.0, 120.0])], axis=0) - 0.9
+    # Ring: an annulus from radius 0.45 to 1.05, so a hole wider than a pixel shows even at 16x16.
+    ring = np.abs(rho - 0.75) - 0.3
+    # Arrow along +u: a shaft (u in [-1.05, 0.1], half-width 0.3) and a head from its base at u = 0 (half-width 0.85)
+    # to the tip at u = 1.05; the slanted sides are half-planes through the tip.
+    shaft = np.maximum(np.abs(u + 0.475) - 0.575, np.abs(v) - 0.3)
+    nx, ny = 0.85, 1.05
+    side = (nx * (u - 1.05) + ny * np.abs(v)) / np.hypot(nx, ny)
+    head = np.maximum(-u, side)
+    arrow = np.minimum(shaft, head)
+    return [star, hexagon, ring, arrow]
+
+
+def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray, kinds: str = "base") -> np.ndarray:
+    """Signed distance (negative inside) in shape units of each shape kind ``[B]`` on grids ``[B, H, W]``."""
+    _kind_set(kinds)
+    stacked = np.stack(_base_distances(u, v) if kinds == "base" else _novel_distances(u, v))  # [K, B, H, W]
     return np.take_along_axis(stacked, kind[None, :, None, None], axis=0)[0]
 
 
+def _offsets(resolution: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre offsets ``dx [B, 1, R]`` and ``dy [B, R, 1]`` from shape centres ``[B, 2]`` (x, y) in pixels."""
+    pixel = np.arange(resolution) + 0.5
+    return pixel[None, None, :] - centre[:, 0, None, None], pixel[None, :, None] - centre[:, 1, None, None]
+
+
+def shape_coverage(kind: np.ndarray, resolution: int, domain: str, size: np.ndarray, centre: np.ndarray,
+                   theta: np.ndarray, kinds: str = "base") -> np.ndarray:
+    """Ink coverage in [0, 1], ``[B, R, R]``, of shapes in a given pose: the geometry of :func:`render_shapes`.
+
+    Args:
+        kind: int ``[B]`` shape kinds, indices into ``KIND_SETS[kinds]``.
+        resolution: side R in pixels.
+        domain: ``filled`` (the shape's area) or ``outline`` (a band of ``max(1, R / 12)`` pixels on its edge).
+        size: ``[B]`` shape radius in pixels; centre: ``[B, 2]`` (x, y) in pixels; theta: ``[B]`` rotation (rad).
+        kinds: the kind set.
+    """
+    dx, dy = _offsets(resolution, centre)
+    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+    radius = size[:, None, None]
+    u, v = (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
+    distance = _signed_distance(kind, u, v, kinds) * radius  # in pixels
+    if domain == "filled":
+        return np.clip(0.5 - distance, 0.0, 1.0)
+    line = max(1.0, resolution / 12.0)
+    return np.clip(0.5 - (np.abs(distance) - line / 2.0), 0.0, 1.0)
+
+
 def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.random.Generator,
-                  colours: int = DEFAULT_COLOURS) -> np.ndarray:
+                  colours: int = DEFAULT_COLOURS, kinds: str = "base") -> np.ndarray:
     """Render one image per label.
 
     Args:
         labels: int ``[B]`` fine classes in ``[0, 4 * colours)``.
         resolution: side in pixels.
         domain: one of :data:`DOMAINS`.
-        rng: source of positions, sizes, rotations and backgrounds (the draws do not depend on ``colours``).
+        rng: source of positions, sizes, rotations and backgrounds (the draws do not depend on ``colours``
+            or ``kinds``).
         colours: palette size k (class c = shape c // k, colour c % k).
+        kinds: ``"base"`` or ``"novel"`` (see :data:`KIND_SETS`): which shape kinds the classes are.
 
     Returns:
         uint8 ``[B, resolution, resolution, 3]``.
@@ -85,7 +169,7 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
         raise DatasetError(f"unknown shapes domain '{domain}'; choose one of {', '.join(DOMAINS)}")
     _check_colours(colours)
     labels = np.asarray(labels, dtype=np.int64)
-    num_classes = len(SHAPES) * colours
+    num_classes = len(_kind_set(kinds)) * colours
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"shapes labels must be in 0..{num_classes - 1}")
     batch, res = len(labels), resolution
@@ -93,22 +177,14 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
     size = rng.uniform(0.22, 0.34, batch) * res  # shape radius in pixels
     centre = rng.uniform(0.0, 1.0, (batch, 2)) * (res - 2.2 * size[:, None]) + 1.1 * size[:, None]
     theta = rng.uniform(0.0, 2.0 * np.pi, batch)
-    pixel = np.arange(res) + 0.5
-    dx = pixel[None, None, :] - centre[:, 0, None, None]
-    dy = pixel[None, :, None] - centre[:, 1, None, None]
-    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-    radius = size[:, None, None]
-    u, v = (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
-    distance = _signed_distance(kind, u, v) * radius  # in pixels
+    coverage = shape_coverage(kind, res, domain, size, centre, theta, kinds)
+    dx, dy = _offsets(res, centre)
     rgb = np.asarray(list(PALETTE.values())[:colours], dtype=np.float32)[colour][:, None, None, :]  # [B, 1, 1, 3]
     if domain == "filled":
-        coverage = np.clip(0.5 - distance, 0.0, 1.0)
         shade = rng.uniform(10.0, 45.0, (batch, 1, 1, 1)) + 12.0 * (dy / res)[..., None]
         ground = np.broadcast_to(shade, (batch, res, res, 3))
         ink = rgb
     else:
-        line = max(1.0, res / 12.0)
-        coverage = np.clip(0.5 - (np.abs(distance) - line / 2.0), 0.0, 1.0)
         phase = rng.uniform(0.0, 2.0 * np.pi, (batch, 1, 1))
         stripes = 0.5 + 0.5 * np.sin((dx + dy) * (2.0 * np.pi / 6.0) + phase)
         level = rng.uniform(200.0, 235.0, (batch, 1, 1))
@@ -120,35 +196,40 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
 
 def iter_shapes(
     per_class: int, resolution: int = 16, seed: int = 0, domain: str = "filled", chunk: int = 1024,
-    colours: int = DEFAULT_COLOURS,
+    colours: int = DEFAULT_COLOURS, kinds: str = "base",
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield ``(image [R, R, 3] uint8, label)`` for ``per_class`` images of every class, class-major.
 
-    Deterministic for a given ``(seed, domain)``; different domains draw different geometry.
+    Deterministic for a given ``(seed, domain, kinds)``; different domains (and kind sets) draw different geometry.
     """
     if per_class < 1 or resolution < 4:
         raise DatasetError(f"shapes needs --per-class >= 1 and --resolution >= 4, got {per_class}, {resolution}")
     if domain not in DOMAINS:
         raise DatasetError(f"unknown shapes domain '{domain}'; choose one of {', '.join(DOMAINS)}")
     _check_colours(colours)
-    rng = np.random.default_rng([seed, DOMAINS.index(domain)])
-    labels = np.repeat(np.arange(len(SHAPES) * colours), per_class)
+    shapes = _kind_set(kinds)
+    stream = [seed, DOMAINS.index(domain)] + ([] if kinds == "base" else [list(KIND_SETS).index(kinds)])
+    rng = np.random.default_rng(stream)
+    labels = np.repeat(np.arange(len(shapes) * colours), per_class)
     for start in range(0, len(labels), chunk):
         part = labels[start:start + chunk]
-        yield from zip(render_shapes(part, resolution, domain, rng, colours), part.tolist(), strict=True)
+        yield from zip(render_shapes(part, resolution, domain, rng, colours, kinds), part.tolist(), strict=True)
 
 
 def make_shapes(
     dest: str | Path, resolution: int = 16, per_class: int = 100, seed: int = 0, domain: str = "filled",
-    colours: int = DEFAULT_COLOURS,
+    colours: int = DEFAULT_COLOURS, kinds: str = "base",
 ) -> dict:
     """Write the shapes dataset (4 shapes x ``colours`` colours) as a dataset zip at ``dest`` (atomically).
 
-    Returns its ``dataset.json``. The default (5 colours, 20 classes) writes the same bytes as before the
-    ``colours`` option existed; other palettes record ``colours`` in the provenance.
+    ``kinds="novel"`` draws star, hexagon, ring and arrow instead of the base circle, square, triangle and cross.
+    Returns its ``dataset.json``. The defaults (5 colours, base kinds: 20 classes) write the same bytes as before
+    the ``colours`` and ``kinds`` options existed; other choices are recorded in the provenance.
     """
     _check_colours(colours)
+    classes = shapes_classes(colours, kinds)
     extra = {"shapes": {"domain": domain, "seed": seed, "per_class": per_class, "resolution": resolution,
-                        **({"colours": colours} if colours != DEFAULT_COLOURS else {})}}
-    return write_dataset_zip(dest, iter_shapes(per_class, resolution, seed, domain, colours=colours),
-                             shapes_classes(colours), extra)
+                        **({"colours": colours} if colours != DEFAULT_COLOURS else {}),
+                        **({"kinds": kinds} if kinds != "base" else {})}}
+    return write_dataset_zip(dest, iter_shapes(per_class, resolution, seed, domain, colours=colours, kinds=kinds),
+                             classes, extra)

@@ -1,8 +1,9 @@
 """Turn image sources into dataset zips: folders, zips and the CIFAR-10/100 python tarballs.
 
 ``convert`` is the library side of ``diffusion-transfer-data convert``. Sources: image folders (``class/`` or
-``superclass/class/``), dataset zips, the CIFAR python tarballs, and iNaturalist-2021-style annotation files
-(``train_mini.json``: COCO-like ``images``/``annotations``/``categories`` with a ``supercategory`` per category).
+``superclass/class/``, whose classes are numbered alike: see :mod:`~diffusion_transfer.data.archive`), dataset zips,
+the CIFAR python tarballs, and iNaturalist-2021-style annotation files (``train_mini.json``: COCO-like
+``images``/``annotations``/``categories`` with a ``supercategory`` per category).
 Geometry follows EDM's ``dataset_tool.py``: ``center-crop`` takes the centred square of side min(H, W) and
 resizes it with LANCZOS; ``center-crop-wide`` is our square variant of its wide mode (scale to the target width, then
 crop or letterbox the height); ``none`` only resizes images that are already square.
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .archive import ClassInfo, DatasetError, ImageCollection, _FolderStorage, write_dataset_zip
+from .archive import ClassInfo, DatasetError, ImageCollection, _FolderStorage, to_mode, write_dataset_zip
 
 TRANSFORMS = ("none", "center-crop", "center-crop-wide")
 
@@ -238,7 +239,7 @@ def read_inat_annotations(path: str | Path) -> ImageCollection:
     classes = ClassInfo(class_names=[str(c.get("name", c["id"])) for c in cats],
                         superclasses=[supers.index(c["supercategory"]) for c in cats], superclass_names=supers)
     return ImageCollection(source=path, names=names, labels=np.array([label_of[n] for n in names], dtype=np.int64),
-                           classes=classes, storage=_FolderStorage(path.parent, names))
+                           classes=classes, storage=_FolderStorage(path.parent, names, index_file=path))
 
 
 def _is_tarfile(path: Path) -> bool:
@@ -339,7 +340,7 @@ def convert(
             image = collection.load(i)
             if image.mode != mode:
                 converted[image.mode] = converted.get(image.mode, 0) + 1
-                image = image.convert(mode)
+                image = to_mode(image, mode)
             image = transform_image(image, resolution, transform, collection.where(i))
             if not size:
                 if image.size[0] != image.size[1]:

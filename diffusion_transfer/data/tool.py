@@ -1,13 +1,22 @@
 """``diffusion-transfer-data``: build, convert, subset and inspect dataset zips.
 
 Expected problems (missing files, corrupt archives, mismatched labels, ...) print one line naming the
-file and the fix and exit with status 2; nothing half-written is left behind.
+file and the fix and exit with status 2; nothing half-written is left behind. A damaged image is named by its
+path in a folder or as ``ZIP:member`` in a zip, with the fix for that source (a folder: replace or delete the
+file; a zip: re-create it with ``convert``).
+
+Image folders without a ``dataset.json`` are labelled by their layout, ``class/img.png`` or
+``superclass/class/img.png``. Both number the classes in the sorted order of the class-folder names, whatever
+superclass holds them, so the two layouts of the same classes give identical labels; superclasses are numbered in
+the sorted order of their names. An empty class folder is an error that names it (delete it or add images), as is
+one class-folder name under two superclasses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -19,14 +28,15 @@ from PIL import Image
 from .archive import DatasetError, one_line
 from .datasets import open_dataset
 from .longtail import PROFILES, make_longtail
-from .shapes import DOMAINS, make_shapes
+from .shapes import DOMAINS, KIND_SETS, make_shapes
 from .sources import TRANSFORMS, convert
 
 
-def dataset_info(path: str, verify: bool = False) -> dict[str, Any]:
+def dataset_info(path: str, verify: bool = False, progress: bool = False) -> dict[str, Any]:
     """Summary of a dataset zip or folder: images, resolution, channels, classes, counts, superclasses.
 
-    With ``verify``, every image is decoded and its size checked (slow on large sets).
+    With ``verify``, every image is decoded and its size checked (slow on large sets); ``verified`` then holds the
+    number of images (or latents) read, and a damaged one raises :class:`DatasetError` naming it.
     """
     dataset = open_dataset(path)
     collection = dataset.collection
@@ -45,9 +55,11 @@ def dataset_info(path: str, verify: bool = False) -> dict[str, Any]:
     }
     info.update(collection.extra)
     if verify:
-        for i in range(len(dataset)):
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(dataset)), desc="verify", unit="img", disable=not progress):
             dataset[i]
-        info["verified"] = True
+        info["verified"] = len(dataset)
     return info
 
 
@@ -56,6 +68,7 @@ def _print_info(info: dict[str, Any]) -> None:
           f"{info['channels']} channel(s)")
     if not info["labelled"]:
         print("unlabelled")
+        _print_verified(info)
         return
     names = info["class_names"] or [str(c) for c in range(info["num_classes"])]
     sup, sup_names = info["superclasses"], info["superclass_names"]
@@ -69,6 +82,12 @@ def _print_info(info: dict[str, Any]) -> None:
         lt = info["longtail"]
         print(f"long-tailed subset of {lt['source']}: imbalance {lt['imbalance']}, profile {lt['profile']}, "
               f"seed {lt['seed']}")
+    _print_verified(info)
+
+
+def _print_verified(info: dict[str, Any]) -> None:
+    if "verified" in info:
+        print(f"verified {info['verified']} {'latents' if info.get('latents') else 'images'}: OK")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--domain", choices=DOMAINS, default="filled")
     p.add_argument("--colours", type=int, default=5, help="colours per shape, 1..8 (5: 20 classes; 8: 32)")
+    p.add_argument("--kinds", choices=tuple(KIND_SETS), default="base",
+                   help="shape kinds: base = circle, square, triangle, cross; novel = star, hexagon, ring, arrow "
+                        "(classes a base-trained model never saw, for transfer to new classes)")
 
-    p = sub.add_parser("convert", help="folder / zip / CIFAR tar.gz -> dataset zip")
+    p = sub.add_parser(
+        "convert", help="folder / zip / CIFAR tar.gz -> dataset zip",
+        description="Convert an image folder, dataset zip, CIFAR python tarball or iNat annotation file into a "
+                    "dataset zip. Folders: class/img.png or superclass/class/img.png, classes numbered in the sorted "
+                    "order of the class-folder names in both layouts (superclasses: sorted by name); an empty class "
+                    "folder is an error.")
     p.add_argument("src", help="image folder, dataset zip, or cifar-{10,100}-python.tar.gz")
     p.add_argument("dest", help="output .zip")
     p.add_argument("--resolution", type=int, default=None, help="output side in pixels")
@@ -108,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="image count, resolution, classes and counts of a dataset")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--verify", action="store_true", help="decode every image and check its size")
+    p.add_argument("--verify", action="store_true",
+                   help="decode every image and check its size; ends with 'verified N images: OK', or exits 2 "
+                        "naming the first damaged image")
     return parser
 
 
@@ -126,9 +155,10 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if args.command == "shapes":
-            meta = make_shapes(args.dest, args.resolution, args.per_class, args.seed, args.domain, args.colours)
+            meta = make_shapes(args.dest, args.resolution, args.per_class, args.seed, args.domain, args.colours,
+                               args.kinds)
             print(f"wrote {args.dest}: {len(meta['labels'])} images, {args.resolution}x{args.resolution}, "
-                  f"{len(meta['class_names'])} classes, domain {args.domain} "
+                  f"{len(meta['class_names'])} classes ({', '.join(meta['superclass_names'])}), domain {args.domain} "
                   f"({time.perf_counter() - start:.1f} s)")
         elif args.command == "convert":
             summary = convert(args.src, args.dest, args.resolution, args.transform, args.max_images,
@@ -149,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {args.dest}: {len(meta['labels'] or []) or 'unlabelled'} latents of "
                   f"{record['channels']}x{record['resolution']}x{record['resolution']} (scale {record['scale']})")
         else:
-            info = dataset_info(args.path, args.verify)
+            info = dataset_info(args.path, args.verify, progress)
             if args.json:
                 print(json.dumps(info, indent=1))
             else:
@@ -160,6 +190,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("diffusion-transfer-data: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (`info ... | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 141
     return 0
 
 
