@@ -185,8 +185,13 @@ def test_new_label_space_reuses_pretrained_rows_and_null(tmp_path: Path) -> None
     loaded = model.net.y_embedder.embedding_table.weight.detach()
     assert torch.equal(loaded, torch.cat([table[:3], table[5:]]))
     assert torch.equal(model.net.blocks[0].attn.qkv.weight, pre.blocks[0].attn.qkv.weight)
-    with pytest.raises(DiTCheckpointError, match="7 classes but the pre-trained label table only 5"):
-        tiny(num_classes=7).load_weights(str(tmp_path / "pre.pt"))
+    # More classes than the pre-trained table: rows 0..4 and the null row are kept, rows 5 and 6 start fresh.
+    more = tiny(num_classes=7)
+    fresh = more.net.y_embedder.embedding_table.weight.detach().clone()
+    more.load_weights(str(tmp_path / "pre.pt"))
+    assert torch.equal(more.net.y_embedder.embedding_table.weight, torch.cat([table[:5], fresh[5:7], table[5:]]))
+    with pytest.raises(DiTCheckpointError, match="checkpoint is for 5 classes.*label_table reuse"):
+        tiny(num_classes=7, label_table="strict").load_weights(str(tmp_path / "pre.pt"))
 
 
 def test_trainable_selection() -> None:
@@ -283,7 +288,8 @@ def test_bad_input_is_a_one_line_error(case: str, setup: dict[str, Path], tmp_pa
     elif case == "labels":
         small = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=4, **TINY)
         torch.save(small.state_dict(), tmp_path / "four.pt")
-        extra, expected = ["--model.init_args.checkpoint", str(tmp_path / "four.pt")], "the data has 20 classes"
+        extra = ["--model.init_args.checkpoint", str(tmp_path / "four.pt"), "--model.init_args.label_table", "strict"]
+        expected = "the checkpoint is for 4 classes, 16×16×3, this model for 20 classes, 16×16×3"
     else:
         extra, expected = ["--model.init_args.replay_ratio", "0.05"], "leaves the replay part empty"
     with pytest.raises(SystemExit) as exit_info:

@@ -22,10 +22,9 @@ from diffusion_transfer.methods.longtail import (
     transfer_weights,
 )
 
+from .helpers import TINY_DIT, TINY_UNET
+
 REPO = Path(__file__).resolve().parents[1]
-TINY_DIT = {"arch": "DiT-S/2", "arch_overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}}
-TINY_UNET = {"arch": "ddpm-cifar10", "arch_overrides": {"model_channels": 16, "channel_mult": [1, 2],
-                                                        "num_blocks": 1, "attn_resolutions": [4]}}
 COUNTS = [40, 20, 10, 5]  # class 0 is the head, class 3 the tail
 PRIOR = torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, safe_torch_load
+from .label_table import LabelLayout, LabelPolicy, LabelTableFit, NetSpace, fit_label_table, space_mismatch
 from .peft_checkpoint import PEFT_KEY
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "infer_dit_config",
     "load_dit_checkpoint",
     "read_dit_state_dict",
-    "reuse_label_rows",
 ]
 
 #: Where the official weights are published (facebookresearch/DiT release; CC-BY-NC, never fetched).
@@ -44,6 +44,9 @@ _OFFICIAL_FILES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 # How many keys of each kind an error lists before summarising the rest.
 _SHOW = 5
 _LABEL_TABLE = "y_embedder.embedding_table.weight"
+_SUPERCLASS_MAP = "y_embedder.class_to_super"  # FineDiffusion's tiered table: one superclass per class
+# What infer_dit_config reads that must agree for a checkpoint to fit up to the data's size and label space.
+_ARCHITECTURE = ("depth", "hidden_size", "patch_size", "learn_sigma")
 
 
 class DiTCheckpointError(CheckpointError):
@@ -59,6 +62,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model keys the file lacked (allowed by the caller)
     unexpected: list[str] = field(default_factory=list)  # file keys the model lacks (allowed by the caller)
     ignored: list[str] = field(default_factory=list)  # file keys dropped on purpose (``ignore_keys``)
+    label_table: LabelTableFit | None = None  # how the label table was fitted (None: no table in both)
 
 
 def _missing_file_message(path: Path) -> str:
@@ -190,26 +194,61 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items()) or "unknown layout"
 
 
-def reuse_label_rows(state: dict[str, Tensor], rows: int, file: str | os.PathLike[str] = "") -> dict[str, Tensor]:
-    """Fit a pre-trained label table ``[M + 1, D]`` (null row last) to a new label space of ``rows = N + 1`` rows.
+def dit_label_layouts(model: nn.Module, theirs: Mapping[str, Tensor]) -> tuple[LabelLayout, LabelLayout] | None:
+    """The (file, model) layouts of a DiT label table (:class:`~.label_table.LabelLayout`), or None without tables.
 
-    Diff-Tuning's rule (``papers/difftuning.md`` §4): class c < N of the new data reuses pre-trained row c (kept,
-    not re-initialised) and the null row moves from index M to N, so CFG and the null-labelled replay rows keep
-    the pre-trained unconditional embedding. A file whose table already has ``rows`` rows is returned as is.
-
-    Raises:
-        DiTCheckpointError: N > M, i.e. the new data has more classes than the pre-trained table.
+    The model's comes from its embedder (``num_classes``, FineDiffusion's ``num_superclasses``; the rest is the null
+    row). A file holds only the table, so its null row is assumed as the model's: a flat table of 21 rows is 20
+    classes + null for a model with a null row (DiT trained with class dropout, the usual case) and for a tiered
+    model; a file with FineDiffusion's superclass map is tiered, of the model's layout when it has its shape, else
+    read as its classes followed by rows that are never reused.
     """
-    table = state.get(_LABEL_TABLE)
-    if table is None or table.shape[0] == rows:
-        return state
-    new, old = rows - 1, table.shape[0] - 1
-    if new > old:
-        raise DiTCheckpointError(
-            f"{file}: the data has {new} classes but the pre-trained label table only {old} (+ the null row); "
-            f"new classes reuse pre-trained rows 0..N-1, so use a dataset with at most {old} classes"
-        )
-    return {**state, _LABEL_TABLE: torch.cat([table[:new], table[old:]])}
+    target = model.state_dict()
+    if _LABEL_TABLE not in target or _LABEL_TABLE not in theirs:
+        return None
+    rows, file_rows = target[_LABEL_TABLE].shape[0], theirs[_LABEL_TABLE].shape[0]
+    embedder = getattr(model, "y_embedder", None)
+    classes = int(getattr(embedder, "num_classes", rows - 1))
+    extra = int(getattr(embedder, "num_superclasses", 0))
+    ours = LabelLayout(classes, extra, null=rows - classes - extra == 1)
+    supers = theirs.get(_SUPERCLASS_MAP)
+    if supers is not None:  # a tiered table (a FineDiffusion checkpoint)
+        n = supers.numel()
+        same = file_rows == rows and n == classes and extra > 0
+        return (ours if same else LabelLayout(n, max(file_rows - n, 0))), ours
+    null = ours.null or extra > 0  # a flat file under a tiered model: a DiT's table, with its null row
+    return LabelLayout(max(file_rows - int(null), 0), 0, null), ours
+
+
+def dit_space(state: Mapping[str, Tensor], labels: LabelLayout | None) -> NetSpace:
+    """What a DiT's weights tell of its data: ``labels``, input side (pixels or latents) and channels."""
+    cfg = infer_dit_config(state)
+    return NetSpace(labels, cfg.get("input_size"), cfg.get("in_channels"))
+
+
+def _fit_dit_labels(model: nn.Module, loaded: Mapping[str, Tensor], state: dict[str, Tensor], policy: LabelPolicy,
+                    file: Path) -> LabelTableFit | None:
+    """Check the file against the model's data (one-line error) and fit its label table into ``state`` in place.
+
+    Only when the architectures agree: otherwise the key listing of :func:`load_dit_checkpoint` says more.
+    """
+    target = model.state_dict()
+    # The superclass map tells a tiered file even when the caller drops it (FineDiffusion never reads it).
+    layouts = dit_label_layouts(model, loaded) if _LABEL_TABLE in state else None
+    file_cfg, model_cfg = infer_dit_config(loaded), infer_dit_config(target)
+    if any(file_cfg.get(k) != model_cfg.get(k) for k in _ARCHITECTURE):
+        return None
+    theirs, ours = layouts if layouts is not None else (None, None)
+    rule = policy(theirs, ours) if callable(policy) and layouts is not None else policy
+    rule = rule if isinstance(rule, str) else "strict"
+    message = space_mismatch(file, dit_space(loaded, theirs), dit_space(target, ours), rule)
+    if message:
+        raise DiTCheckpointError(message)
+    if layouts is None or state[_LABEL_TABLE].shape[1:] != target[_LABEL_TABLE].shape[1:]:
+        return None
+    table, fit = fit_label_table(_LABEL_TABLE, state[_LABEL_TABLE], target[_LABEL_TABLE], rule, theirs, ours)
+    state[_LABEL_TABLE] = table
+    return fit
 
 
 def load_dit_checkpoint(
@@ -223,13 +262,14 @@ def load_dit_checkpoint(
     ignore_mismatched: Iterable[str] = (),
     prefer: str = "ema",
     trusted_globals: Sequence[Any] = (),
-    reuse_labels: bool = False,
+    label_table: LabelPolicy = "strict",
 ) -> LoadReport:
     """Load a DiT checkpoint file into ``model`` (our ``DiT`` or anything with the same key layout).
 
     Keys and shapes must match exactly unless the caller whitelists differences, which is how a method states
-    what it adds or replaces (e.g. FineDiffusion: ``ignore_keys=["y_embedder.embedding_table.weight"]`` and
-    ``allow_missing=["blocks.*.norm*", "final_layer.norm_final.*"]``). Patterns are ``fnmatch`` globs.
+    what it adds or replaces (e.g. FineDiffusion: ``ignore_keys=["y_embedder.class_to_super"]`` and
+    ``allow_missing=["blocks.*.norm*", "final_layer.norm_final.*"]``). Patterns are ``fnmatch`` globs. The label
+    table is fitted to the model's label space under ``label_table`` (:mod:`~diffusion_transfer.io.label_table`).
 
     Args:
         model: the module to fill (parameters are copied in place; dtype/device of the model are kept).
@@ -241,16 +281,20 @@ def load_dit_checkpoint(
         ignore_keys: file keys dropped before comparing (e.g. a label table that is re-initialised).
         ignore_mismatched: file keys dropped only when the model lacks them or their shape differs (a label
             table kept when it fits, re-initialised otherwise).
-        reuse_labels: a model with fewer classes takes the file's first N label rows plus its null row
-            (:func:`reuse_label_rows`; Diff-Tuning). The model's table must have a null row.
+        label_table: ``strict`` (the file's label space must be the model's), ``reuse`` (its first class rows
+            and its null row; new rows keep the model's init) or ``reinit`` (the model's fresh table), see
+            :mod:`~diffusion_transfer.io.label_table`; or a rule ``(file layout, model layout) -> policy``.
 
     Returns:
-        A :class:`LoadReport` with the tolerated missing/unexpected and the ignored keys.
+        A :class:`LoadReport` with the tolerated missing/unexpected and the ignored keys, and how the label table
+        was fitted.
 
     Raises:
         FileNotFoundError: no such file (the message says where to get the official weights).
-        DiTCheckpointError: unreadable file, or keys/shapes that do not fit; the message names the file, the
-            first mismatched keys with their shapes, the layout the file implies, and what to do.
+        DiTCheckpointError: unreadable file; a file of the model's architecture made for data of another size or
+            channels, or (``strict``) another label space: one line with both and the fix; other keys/shapes that
+            do not fit: the file, the first mismatched keys with their shapes, the layout the file implies, and
+            what to do.
     """
     file = Path(path).expanduser()
     loaded, source = read_dit_state_dict(file, prefer=prefer, trusted_globals=trusted_globals)
@@ -259,8 +303,7 @@ def load_dit_checkpoint(
     ignored = sorted(k for k, v in loaded.items() if _matches(k, ignore) or (
         _matches(k, if_mismatched) and (k not in target or tuple(v.shape) != tuple(target[k].shape))))
     state = {k: v for k, v in loaded.items() if k not in set(ignored)}
-    if reuse_labels and _LABEL_TABLE in target:
-        state = reuse_label_rows(state, target[_LABEL_TABLE].shape[0], file)
+    fit = _fit_dit_labels(model, loaded, state, label_table, file)
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     mismatched = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
@@ -287,16 +330,22 @@ def load_dit_checkpoint(
         if bad_unexpected:
             rows = [f"{k} {_fmt_shape(state[k].shape)}" for k in bad_unexpected]
             parts.append(_listing("unexpected in the file", rows))
-        parts.append(f"  the file looks like: {_describe(infer_dit_config(state))}")
+        # The file as read, not as fitted: its table rows are its own (20 classes + null = 21).
+        parts.append(f"  the file looks like: {_describe(infer_dit_config(loaded))}")
         parts.append(f"  the model looks like: {_describe(infer_dit_config(target))}")
+        cfg = infer_dit_config(loaded)
+        shape = ", ".join(f"{k}: {cfg[k]}" for k in ("hidden_size", "depth") if k in cfg)
         parts.append(
-            "What to do: build the model with the file's architecture (the official DiT-XL-2-256x256.pt is "
-            "build_dit('DiT-XL/2'), input_size=32; the 512x512 file needs input_size=64; its 1001-row label\n"
-            "table needs num_classes=1000 with class_dropout_prob > 0). If the difference is intended (new\n"
-            "layers, a new label table), declare it with allow_missing / allow_unexpected / ignore_keys."
+            f"What to do: build the model with the file's architecture: on the command line --model.init_args.arch "
+            f"DiT-S/{cfg.get('patch_size', 2)} --model.init_args.arch_overrides '{{{shape}, num_heads: H}}' (H: the\n"
+            "file's heads, which its shapes do not tell); in Python, build_dit with those arguments (the official\n"
+            "DiT-XL-2-256x256.pt is build_dit('DiT-XL/2'), input_size=32; the 512x512 file needs input_size=64).\n"
+            "Python API only: if the difference is intended (new layers), declare it with allow_missing /\n"
+            "allow_unexpected / ignore_keys."
         )
         raise DiTCheckpointError("\n".join(parts))
 
     # Every remaining key exists in the model with the right shape; missing ones were allowed above.
     model.load_state_dict(state, strict=False)
-    return LoadReport(path=str(file), source=source, missing=missing, unexpected=unexpected, ignored=ignored)
+    return LoadReport(path=str(file), source=source, missing=missing, unexpected=unexpected, ignored=ignored,
+                      label_table=fit)

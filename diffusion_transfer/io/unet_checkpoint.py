@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,14 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, safe_torch_load
 from .dit_checkpoint import LoadReport, _fmt_shape, _is_state_dict, _listing
 from .edm_pickle import EDM_RELEASE_URL, EDMNetwork, read_edm_pickle
+from .label_table import (
+    LabelLayout,
+    LabelTableFit,
+    NetSpace,
+    fit_label_table,
+    song_label_scale,
+    space_mismatch,
+)
 
 __all__ = [
     "UNetCheckpointError",
@@ -36,6 +45,7 @@ __all__ = [
     "ddpm_to_unet_state_dict",
     "load_unet_checkpoint",
     "read_unet_state_dict",
+    "unet_space",
 ]
 
 DDPM_ENTRIES = ("ema_model", "net_model")
@@ -43,6 +53,10 @@ DDPM_ENTRIES = ("ema_model", "net_model")
 _DDPM_BLOCK = (("block1.0.", "norm0."), ("block1.2.", "conv0."), ("temb_proj.1.", "affine."), ("block2.0.", "norm1."),
                ("block2.3.", "conv1."), ("shortcut.", "skip."), ("attn.group_norm.", "norm2."), ("attn.proj.", "proj."))
 _TIME = "time_embedding.timembedding."
+# The label input: map_label.weight [E, N] (one column per class, no null entry) and, in the song style, a bias [E].
+_LABEL_MAP = "map_label.weight"
+_LABEL_KEYS = (_LABEL_MAP, "map_label.bias")
+_LEVEL = re.compile(r"^enc\.(\d+)x\1_")  # encoder entries are named by their resolution: enc.32x32_conv, ...
 
 
 class UNetCheckpointError(CheckpointError):
@@ -230,33 +244,101 @@ def check_state_dict(net: nn.Module, state: Mapping[str, Tensor], file: str | os
     raise UNetCheckpointError("\n".join(parts))
 
 
-def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer: str = "ema",
-                         entry: str = "ema") -> UNetLoadReport:
+def unet_space(state: Mapping[str, Tensor], resolution_known: bool = True) -> NetSpace:
+    """What a U-Net's weights tell of its data: classes (columns of ``map_label``), side and input channels.
+
+    The side is the largest ``enc.RxR_*`` name; ``resolution_known=False`` for weights renamed after the model's
+    own names (pytorch-ddpm files name no resolution).
+    """
+    sides = [int(m.group(1)) for k in state if (m := _LEVEL.match(k))]
+    side = max(sides) if sides else None
+    stem = state.get(f"enc.{side}x{side}_conv.weight")
+    table = state.get(_LABEL_MAP)
+    return NetSpace(None if table is None else LabelLayout(table.shape[1]), side if resolution_known else None,
+                    None if stem is None else stem.shape[1])
+
+
+def _architecture(state: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """Width and depth of a U-Net, independent of the resolution it was built for (its entries are named by it)."""
+    side = unet_space(state).resolution
+    stem = state.get(f"enc.{side}x{side}_conv.weight")
+    entries = {".".join(k.split(".")[:2]) for k in state if k.startswith(("enc.", "dec."))}
+    return (-1 if stem is None else stem.shape[0], len(entries))
+
+
+def _fit_unet_labels(net: nn.Module, state: dict[str, Tensor], policy: str, file: Path,
+                     resolution_known: bool) -> LabelTableFit | None:
+    """Check the file against the net's data (one-line error) and fit its label input into ``state`` in place.
+
+    A file whose net has a label input when this one has none, or the reverse, loads under ``reuse`` / ``reinit``
+    (the file's label input is dropped; the net's stays fresh); under ``strict`` the key listing reports it.
+    """
+    target = net.state_dict()
+    theirs, ours = unet_space(state, resolution_known), unet_space(target)
+    if _architecture(state) != _architecture(target):
+        return None  # another width or depth: the key listing says more
+    message = space_mismatch(file, theirs, ours, policy)
+    if message:
+        raise UNetCheckpointError(message)
+    if policy == "strict" or (theirs.labels is None and ours.labels is None):
+        return None
+    if ours.labels is None:  # an unconditional net: the file's label input goes
+        for key in _LABEL_KEYS:
+            state.pop(key, None)
+        return LabelTableFit(_LABEL_MAP, policy, theirs.labels, None, kept=0, fresh=0)
+    if theirs.labels is None:  # a conditional net from an unconditional file: a fresh label input
+        state.update({k: target[k] for k in _LABEL_KEYS if k in target})
+        return LabelTableFit(_LABEL_MAP, policy, None, ours.labels, kept=0, fresh=ours.labels.size)
+    if state[_LABEL_MAP].shape[0] != target[_LABEL_MAP].shape[0]:
+        return None
+    scale = song_label_scale(theirs.labels, ours.labels) if getattr(getattr(net, "style", None), "label_scale",
+                                                                       False) else 1.0
+    state[_LABEL_MAP], fit = fit_label_table(_LABEL_MAP, state[_LABEL_MAP], target[_LABEL_MAP], policy, theirs.labels,
+                                             ours.labels, axis=1, scale=scale)
+    if policy == "reinit" and "map_label.bias" in target:  # the bias belongs to the label input: fresh as well
+        state["map_label.bias"] = target["map_label.bias"]
+    return fit
+
+
+def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer: str = "ema", entry: str = "ema",
+                         label_table: str = "strict") -> UNetLoadReport:
     """Load a U-Net file (see the module docstring) into ``net`` in place, keys and shapes strictly equal.
 
     Args:
         net: the U-Net to fill (its dtype and device are kept).
-        path: local ``.pkl``, ``.pt`` or ``.ckpt`` file. prefer / entry: see :func:`read_unet_state_dict`.
+        path: local ``.pkl``, ``.pt`` or ``.ckpt`` file (a ``.ckpt`` of a U-Net ``Diffusion``, whose keys are
+            ``unet.*``, too). prefer / entry: see :func:`read_unet_state_dict`.
+        label_table: ``strict``, ``reuse`` or ``reinit``: how the file's label input (``map_label``, one column per
+            class) is fitted to the net's classes (:mod:`~diffusion_transfer.io.label_table`).
 
     Returns:
-        :class:`UNetLoadReport` (``source`` says which part was loaded; ``network`` for EDM pickles).
+        :class:`UNetLoadReport` (``source`` says which part was loaded; ``network`` for EDM pickles;
+        ``label_table`` how the label input was fitted).
 
     Raises:
         FileNotFoundError: no such file (the message says where official weights are published).
-        CheckpointError: an unreadable or refused file (:class:`~diffusion_transfer.io.edm_pickle.EDMPickleError`),
-            or keys/shapes that do not fit (:class:`UNetCheckpointError`).
+        CheckpointError: an unreadable or refused file (:class:`~diffusion_transfer.io.edm_pickle.EDMPickleError`);
+            a file of the net's width made for data of another size or channels, or (``strict``) another number of
+            classes: one line with both and the fix; other keys/shapes that do not fit (:class:`UNetCheckpointError`).
     """
     file = Path(path).expanduser()
     state, source, network = read_unet_state_dict(file, prefer=prefer, entry=entry)
+    target = net.state_dict()
+    if state and all(k.startswith("unet.") for k in state) and not any(k.startswith("unet.") for k in target):
+        state = {k[len("unet."):]: v for k, v in state.items()}  # our .ckpt of a DiTCallUNet (U-Net Diffusion)
     hint = ""
     if source.startswith("ddpm:"):
-        state = ddpm_to_unet_state_dict(state, list(net.state_dict()), file)
+        state = ddpm_to_unet_state_dict(state, list(target), file)
         hint = ("What to do: this is a pytorch-ddpm / CBDM / T2H checkpoint; build a DDPMUNet with its settings "
                 "(build_unet('ddpm-cifar10', label_dim=num_class, augment_dim=9 if trained with --augm)).")
     elif network is not None:
         hint = (f"The file holds {network.describe()}.\nWhat to do: build the net with those arguments "
                 "(edm-*-vp.pkl: build_unet('ddpmpp-cifar10', label_dim=...), edm-*-ve.pkl: 'ncsnpp-cifar10', "
                 "ImageNet-64: 'adm-imagenet64' with img_resolution=64, label_dim=1000).")
+    fit = _fit_unet_labels(net, state, label_table, file, resolution_known=not source.startswith("ddpm:"))
+    if (_LABEL_MAP in state) != (_LABEL_MAP in target):
+        hint += ("\nOne net is class-conditional and the other not: to load it anyway, drop or add the label input "
+                 "with label_table reuse or reinit.")
     check_state_dict(net, state, file, source, hint)
     net.load_state_dict(state)
-    return UNetLoadReport(path=str(file), source=source, network=network)
+    return UNetLoadReport(path=str(file), source=source, network=network, label_table=fit)

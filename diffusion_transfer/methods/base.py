@@ -26,6 +26,7 @@ from ..data.archive import DatasetError
 from ..data.seeds import assign_labels
 from ..errors import ConfigError
 from ..io.checkpoint import check_fits
+from ..io.label_table import LabelTableFit, check_label_policy
 from ..runtime import destroy_process_group_at_exit
 
 #: Values of ``sample_precision``.
@@ -53,6 +54,13 @@ class DiffusionLightningBase(L.LightningModule):
         sample_precision: precision of :meth:`sample` (predict, validation grids, the metrics' samples, replay
             banks): ``"trainer"`` follows the Trainer's precision plugin (autocast under ``bf16-mixed``; float32
             outside a Trainer), ``"32"`` always float32, ``"bf16"`` bf16 autocast even under a float32 Trainer.
+        label_table: how the ``checkpoint`` file's label table meets this data's classes
+            (:mod:`~diffusion_transfer.io.label_table`): ``strict`` (default: the classes must be the checkpoint's,
+            so a wrong dataset fails at once instead of silently training on pre-trained rows that mean other
+            classes), ``reuse`` (classes 0..N-1 take the checkpoint's first rows, the null row is kept; rows of
+            classes the checkpoint lacks start fresh) or ``reinit`` (a fresh table). Fresh rows always train, even
+            in an otherwise frozen net (:meth:`label_table_fitted`). DiffTuning defaults to ``reuse``, FineDiffusion
+            to its paper's fresh table.
     """
 
     def __init__(
@@ -66,11 +74,13 @@ class DiffusionLightningBase(L.LightningModule):
         val_seed: int = 0,
         train_seed: int = 0,
         sample_precision: str = "trainer",
+        label_table: str = "strict",
     ) -> None:
         super().__init__()
         if sample_precision not in SAMPLE_PRECISIONS:
             raise ConfigError(f"sample_precision must be one of {', '.join(SAMPLE_PRECISIONS)}, "
                               f"got {sample_precision!r}")
+        self.label_table = check_label_policy(label_table)
         # Callables are kept as attributes, never read back from hparams: under LightningCLI the hparams
         # hold their parsed config, not the callable.
         self.optimizer_factory = optimizer
@@ -103,6 +113,25 @@ class DiffusionLightningBase(L.LightningModule):
     def load_weights(self, path: str) -> str:
         """Load the file at ``path`` into the net; return what it was (e.g. "official DiT"). Per method."""
         raise NotImplementedError(f"{type(self).__name__} cannot start from a checkpoint file")
+
+    #: How the last weights file's label table was fitted to this data (None: not loaded, or no table).
+    label_table_fit: LabelTableFit | None = None
+
+    def label_table_fitted(self, module: nn.Module, fit: LabelTableFit | None) -> None:
+        """Record how ``load_weights`` fitted the label table of ``module``; make a table with fresh entries train.
+
+        A table with fresh entries (``reinit``, or ``reuse`` with classes the file lacks) joins the trainable set
+        even where the method freezes the net (DMP's frozen base, a PEFT selection without the table): frozen, those
+        classes could never be learned. Methods whose net must stay frozen refuse fresh entries instead.
+        """
+        self.label_table_fit = fit
+        if fit is None or not fit.fresh or fit.model is None:
+            return
+        table = module.get_parameter(fit.key)
+        if not table.requires_grad:
+            table.requires_grad_(True)
+            rank_zero_info(f"{type(self).__name__}: the label table has {fit.fresh} fresh entries "
+                           f"(label_table={fit.policy}), so it trains with the rest of the trainable set")
 
     def load_pretrained(self) -> None:
         """Load ``checkpoint`` once, when any stage sets up (fit, validate, test, predict).

@@ -42,6 +42,7 @@ from ..callbacks.ema import TrainableEMA
 from ..diffusion.edm import EDM, Denoiser, Precond, make_precond
 from ..errors import ConfigError
 from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
+from ..io.label_table import LabelTableFit
 from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.generator import DCGANGenerator
 from .base import _adamw, _seeded, _step_seed
@@ -125,7 +126,9 @@ class DiffInstruct(EDMDiffusion):
         checkpoint: the teacher: an :class:`EDMDiffusion` ``.ckpt`` or an official EDM ``.pkl`` (its ``ema``
             network). Loaded at setup (validate / test / predict: at their start, and not at all after a
             ``--ckpt_path`` of ours), then copied into the fake score and the teacher-shaped generator. Required to
-            ``fit``; sampling from our ``.ckpt`` needs it not (the teacher is in the checkpoint).
+            ``fit``; sampling from our ``.ckpt`` needs it not (the teacher is in the checkpoint). A conditional teacher
+            serves data of fewer classes with ``label_table: reuse`` (its first classes); new classes are refused,
+            since a frozen teacher cannot learn them.
         precond: must be ``edm`` (phase B draws σ from LN(P_mean, P_std²); the paper's code is EDM-only).
         init_sigma: σ_init (paper flag ``--init_sigma``; README 1.0). Stored in checkpoints; sampling refuses another.
         generator: ``teacher`` (the teacher applied once at σ_init, the paper's) or ``dcgan`` (a
@@ -211,7 +214,9 @@ class DiffInstruct(EDMDiffusion):
     def load_weights(self, path: str) -> str:
         """Load the teacher (our ``.ckpt`` or an EDM ``.pkl``), check it is an EDM denoiser at this resolution, and
         copy it into the fake score and the teacher-shaped generator."""
-        report = load_unet_checkpoint(self.net, path)  # strict: keys and shapes must match arch / arch_overrides
+        # Strict: keys and shapes must match arch / arch_overrides, the label input under label_table.
+        report = load_unet_checkpoint(self.net, path, label_table=self.label_table)
+        self.label_table_fitted(self.net, report.label_table)
         fix = "Diff-Instruct needs an EDM teacher: an EDMDiffusion .ckpt or an official edm-*.pkl"
         if report.source.startswith("ddpm"):
             raise CheckpointError(f"{path} is a DDPM (ε-prediction) U-Net, not an EDM denoiser. {fix}")
@@ -240,6 +245,20 @@ class DiffInstruct(EDMDiffusion):
         if isinstance(self.generator, OneStepGenerator):
             self.generator.net.load_state_dict(self.net.state_dict())
         return f"{report.source} teacher"
+
+    def label_table_fitted(self, module: nn.Module, fit: LabelTableFit | None) -> None:
+        """A teacher restricted to its first classes is fine; fresh classes are not: the teacher is frozen and no
+        data trains it, so their scores would be noise that the generator learns to match.
+
+        Raises:
+            ConfigError: the fitted label input has fresh entries (``reinit``, or more classes than the teacher).
+        """
+        if fit is not None and fit.fresh:
+            teacher = fit.file.describe() if fit.file is not None else "no classes (unconditional)"
+            raise ConfigError(f"DiffInstruct distils a frozen teacher, which cannot learn new classes: the teacher has "
+                              f"{teacher}, this model {fit.model.describe()} (label_table={fit.policy}); use "
+                              "label_table reuse with at most the teacher's classes (its first ones), or strict")
+        super().label_table_fitted(module, fit)
 
     #: True while the teacher file waits for the start of a validate / test / predict run (see :meth:`setup`).
     _teacher_deferred = False

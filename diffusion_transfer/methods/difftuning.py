@@ -108,9 +108,13 @@ class DiffTuning(Diffusion):
             ``finediffusion``, γ in blocks 0..``difffit_depth``-1 for ``difffit``), at the identity, so the
             official checkpoint still loads.
         difffit_depth: blocks with DiffFit's γ under ``trainable: difffit`` (Diff-Tuning's ``--difffit``: 14).
-        **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; a new label space of
-            N classes reuses its label rows 0..N-1 and its null row; ``arch_overrides`` goes on top of the
-            preset's needs).
+        label_table: ``reuse`` (default, the paper's rule, spec §4): classes 0..N-1 of the new data take the
+            pre-trained rows 0..N-1 (kept, not re-initialised) and the null row stays the pre-trained one, so CFG and
+            the null-labelled replay rows keep the pre-trained unconditional embedding; with more classes than the
+            checkpoint, the extra rows start fresh (the table trains in every preset). ``strict`` / ``reinit``: see
+            :class:`~diffusion_transfer.methods.base.DiffusionLightningBase`.
+        **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; ``arch_overrides`` goes on
+            top of the preset's needs).
     """
 
     def __init__(
@@ -124,12 +128,13 @@ class DiffTuning(Diffusion):
         replay_xflip: bool = True,
         trainable: str | list[str] = "all",
         difffit_depth: int = 14,
+        label_table: str = "reuse",
         **kwargs: Any,
     ) -> None:
         # A plain string before the base saves hyper-parameters, so checkpoints load with weights_only=True.
         replay_bank = None if replay_bank is None else os.fspath(replay_bank)
         arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None))
-        super().__init__(arch_overrides=arch, **kwargs)
+        super().__init__(arch_overrides=arch, label_table=label_table, **kwargs)
         if t_law not in T_LAWS:
             raise ConfigError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")
         if replay_weight < 0:
@@ -152,11 +157,14 @@ class DiffTuning(Diffusion):
     # ------------------------------------------------------------------------------------ weights and data
 
     def load_weights(self, path: str) -> str:
-        """The pre-trained DiT, strictly, with its label table fitted to this data's classes (rows 0..N-1 + null).
+        """The pre-trained DiT, strictly, with its label table fitted to this data's classes (``label_table``).
 
         Only the LN affine / γ that the preset added may be absent from the file (they keep their identity init).
         """
-        return load_dit_checkpoint(self.net, path, reuse_labels=True, allow_missing=keys_not_in_dit(self.net)).source
+        report = load_dit_checkpoint(self.net, path, label_table=self.label_table,
+                                     allow_missing=keys_not_in_dit(self.net))
+        self.label_table_fitted(self.net, report.label_table)
+        return report.source
 
     def open_bank(self) -> ReplayBank:
         """The replay bank, opened (and checked against the model) on first use."""

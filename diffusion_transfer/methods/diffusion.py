@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
 from ..io.dit_checkpoint import load_dit_checkpoint
-from ..io.unet_checkpoint import check_state_dict, load_unet_checkpoint, read_unet_state_dict
+from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.dit import DiT_CONFIGS, build_dit
 from ..nets.unet import UNET_CONFIGS, build_unet
 from ..nets.unet_adapter import DiTCallUNet
@@ -81,7 +81,7 @@ class Diffusion(DiffusionLightningBase):
         checkpoint: weights to start from when ``fit`` begins. DiT: an official DiT ``.pt``, a plain state dict,
             or a diffusion_transfer ``.ckpt`` (its EMA weights). U-Net: a pytorch-ddpm / CBDM / T2H
             ``ckpt_*.pt`` (its ``ema_model``), an EDM ``.pkl``, a state dict or our ``.ckpt``. Shapes must match
-            exactly.
+            exactly, except the label table's under ``label_table`` (a base argument; default ``strict``).
         class_dropout_prob: label dropout for classifier-free guidance (DiT: 0.1).
         learn_sigma: learned-range variance with the hybrid loss (DiT: True); False = fixed variance, MSE.
         schedule: ``linear`` (DiT) or ``cosine``. prediction: ``epsilon``, ``x0`` or ``v``.
@@ -165,15 +165,13 @@ class Diffusion(DiffusionLightningBase):
     # ------------------------------------------------------------------------------------ weights
 
     def load_weights(self, path: str) -> str:
-        """Load ``path`` strictly: DiT files into a DiT, U-Net files (CBDM / T2H ``.pt``, ...) into a U-Net."""
-        if not isinstance(self.net, DiTCallUNet):
-            return load_dit_checkpoint(self.net, path).source
-        state, source, _ = read_unet_state_dict(path)
-        if source != "lightning":  # foreign files hold the bare U-Net
-            return load_unet_checkpoint(self.net.unet, path).source
-        check_state_dict(self.net, state, path, source)  # ours: the wrapper's keys, ``unet.*``
-        self.net.load_state_dict(state)
-        return source
+        """Load ``path`` strictly but for the label table (``label_table``): DiT files into a DiT, U-Net files
+        (CBDM / T2H ``.pt``, EDM ``.pkl``, our ``.ckpt``, ...) into the U-Net."""
+        module = self.net.unet if isinstance(self.net, DiTCallUNet) else self.net
+        load = load_unet_checkpoint if isinstance(self.net, DiTCallUNet) else load_dit_checkpoint
+        report = load(module, path, label_table=self.label_table)
+        self.label_table_fitted(module, report.label_table)
+        return report.source
 
     # ------------------------------------------------------------------------------------ training
 

@@ -121,10 +121,13 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
         ConfigError: a U-Net ``arch``, ``compile: true``, a negative ``balance_weight``, a non-positive
             ``gate_lr_scale`` or a bad ``patched_blocks``; on loading, a ``.ckpt`` base of another process.
 
-    The backbone is frozen (``requires_grad=False``). DiT has no dropout or normalisation statistics, so its
-    train mode only switches label dropout on, which DMP keeps as the reference does: the null label trains
-    its own gates, which classifier-free guidance then uses. The gate noise follows the module's mode (on in
-    ``fit``, off in validation and sampling).
+    The backbone is frozen (``requires_grad=False``), with one exception: when ``label_table`` (a base argument,
+    default ``strict``) leaves fresh rows in the label table (``reinit``, or ``reuse`` with more classes than the
+    base), the table joins the trainable set (at the prompts' lr, stored in patch checkpoints), or the new classes
+    could never be learned; ``reuse`` with fewer classes keeps it frozen (every row is the base's). DiT has no
+    dropout or normalisation statistics, so its train mode only switches label dropout on, which DMP keeps as the
+    reference does: the null label trains its own gates, which classifier-free guidance then uses. The gate noise
+    follows the module's mode (on in ``fit``, off in validation and sampling).
     """
 
     def __init__(self, patched_blocks: int | str | list[int] = "all", gating: bool = True,
@@ -171,11 +174,13 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
     def on_fit_start(self) -> None:
         counts = self.added_parameters()
         noise = f" plus {counts['w_noise']:,} of gate noise used in training only" if counts["w_noise"] else ""
+        table = self.net.y_embedder.embedding_table.weight
+        frozen = "frozen but for its label table, which has fresh rows" if table.requires_grad else "frozen"
         rank_zero_info(
             f"{'DMP' if self.patch.gating else 'prompt tuning'}: {len(self.patch.blocks)} of {len(self.net.blocks)} "
             f"blocks patched with {self.patch.num_tokens} prompts x {self.patch.hidden_size}; "
             f"+{counts['added']:,} parameters (+{counts['share']:.2%} of the {counts['backbone']:,}-parameter "
-            f"backbone){noise}; the backbone is frozen")
+            f"backbone){noise}; the backbone is {frozen}")
         if self.checkpoint is None:
             rank_zero_info("DMP: no `checkpoint` is set, so the patch trains on a randomly initialised backbone")
 

@@ -107,7 +107,8 @@ class EDMDiffusion(DiffusionLightningBase):
             [1, 2], num_blocks: 1}``); DiT's ``hidden_size`` / ``depth`` mean ``model_channels`` / ``num_blocks``.
         checkpoint: weights to start from when ``fit`` begins: an official EDM ``.pkl`` (its ``ema`` network;
             its preconditioning must equal ``precond``), a diffusion_transfer ``.ckpt``, a plain state dict, or a
-            pytorch-ddpm / CBDM / T2H ``ckpt_*.pt``. Keys and shapes must match exactly.
+            pytorch-ddpm / CBDM / T2H ``ckpt_*.pt``. Keys and shapes must match exactly, except the label input's
+            under ``label_table`` (a base argument; default ``strict``).
         precond: ``edm`` (σ_d-scaled, the paper's), ``vp`` or ``ve`` (EDM's re-implementations of Song et al.).
         sigma_data / P_mean / P_std: EDM preconditioning and training σ law (0.5, -1.2, 1.2).
         label_dropout: probability of training a sample with the zero label (for guidance; EDM: 0).
@@ -164,8 +165,12 @@ class EDMDiffusion(DiffusionLightningBase):
     # ------------------------------------------------------------------------------------ weights
 
     def load_weights(self, path: str) -> str:
-        """An EDM ``.pkl``, a DDPM/CBDM ``.pt``, a state dict or our ``.ckpt``; a pickle's precond must match."""
-        report = load_unet_checkpoint(self.net, path)
+        """An EDM ``.pkl``, a DDPM/CBDM ``.pt``, a state dict or our ``.ckpt``; a pickle's precond must match.
+
+        The label input (``map_label``, one column per class) is fitted to this data's classes under
+        ``label_table``."""
+        report = load_unet_checkpoint(self.net, path, label_table=self.label_table)
+        self.label_table_fitted(self.net, report.label_table)
         if report.network is not None:
             check_same_precond(precond_of(report.network), self.process.precond, path)
         return report.source

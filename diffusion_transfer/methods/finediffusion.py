@@ -32,6 +32,7 @@ from ..data.archive import DatasetError
 from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import ConfigError
 from ..io.dit_checkpoint import load_dit_checkpoint
+from ..io.label_table import LabelLayout
 from ..nets.class_embedder import TieredLabelEmbedder, check_superclass_map, install_tiered_embedder
 from ..nets.peft import canonical_preset, keys_not_in_dit, preset_arch, select_trainable
 from .diffusion import Diffusion
@@ -43,6 +44,15 @@ DEFAULT_LR = 1e-4
 PRESET_LR = {"difffit": 1e-3}
 _TABLE = "y_embedder.embedding_table.weight"
 _MAP = "y_embedder.class_to_super"
+
+
+def _paper_rule(file: LabelLayout, model: LabelLayout) -> str:
+    """FineDiffusion's default ``label_table``: a fresh table (paper §2.1), but a tiered table of this layout is kept.
+
+    A flat table never is, even of the tiered shape (N classes + ∅ = N + 1 superclass row): only a file with a
+    superclass map holds a tiered table (:func:`~diffusion_transfer.io.dit_checkpoint.dit_label_layouts`).
+    """
+    return "strict" if model.extra and file == model else "reinit"
 
 
 def pair_guided(net: Callable[..., Tensor], process: GaussianDiffusion, labels: Tensor, reference: Tensor,
@@ -82,10 +92,15 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         optimizer: ``params -> Optimizer``; None (default): AdamW, weight decay 0, lr from the preset
             (:data:`PRESET_LR`: 1e-3 for ``difffit``, else :data:`DEFAULT_LR` 1e-4). A given optimizer keeps its
             own lr whatever the preset.
+        label_table: None (default, the paper's rule): the class table starts fresh, N(0, 0.02²), except a tiered
+            table of exactly this layout (a file with a superclass map and this shape, e.g. a FineDiffusion
+            checkpoint imported as base), which is kept. ``reinit`` always starts fresh; ``reuse`` takes the file's
+            first class rows (and its null row when ``null_dropout_prob > 0``), superclass rows fresh unless the
+            file is tiered with this layout; ``strict`` requires a tiered file of this layout. See
+            :class:`~diffusion_transfer.methods.base.DiffusionLightningBase`.
         **kwargs: :class:`Diffusion` arguments; ``arch`` must be a DiT. ``checkpoint`` is the base DiT: its
-            label table is re-initialised (kept only from a tiered file of the same shape, e.g. a FineDiffusion
-            checkpoint imported as base), its superclass map is never read, and the LN affine / γ it lacks
-            start at the identity. ``class_dropout_prob`` is the tiered dropout.
+            label table is fitted under ``label_table``, its superclass map is never read, and the LN affine / γ
+            it lacks start at the identity. ``class_dropout_prob`` is the tiered dropout.
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         guidance_scale: float = 4.0,
         arch_overrides: dict[str, Any] | None = None,
         optimizer: OptimizerCallable | None = None,
+        label_table: str | None = None,
         **kwargs: Any,
     ) -> None:
         arch = kwargs.get("arch")
@@ -111,8 +127,9 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         if optimizer is None:
             lr = PRESET_LR.get(preset or "", DEFAULT_LR)
             optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
-        super().__init__(guidance_scale=guidance_scale, optimizer=optimizer,
+        super().__init__(guidance_scale=guidance_scale, optimizer=optimizer, label_table=label_table or "reinit",
                          arch_overrides=preset_arch(peft, difffit_depth, arch_overrides), **kwargs)
+        self.paper_table = label_table is None
         if guidance not in GUIDANCE:
             raise ConfigError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
         self.tiered = tiered
@@ -167,25 +184,20 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
 
     # ------------------------------------------------------------------------------------ weights
     def load_base_weights(self, path: str) -> str:
-        """The base DiT: strict, except the label table, the superclass map and the keys the preset adds.
+        """The base DiT: strict, except the label table (``label_table``), the superclass map and the preset's keys.
 
-        The table stays fresh unless the file holds a tiered table (it has a superclass map) of the same shape;
-        a flat table (``tiered: false``) is always fresh (the paper's rule). The file's ``class_to_super`` is never
-        read: the map comes from the init argument or the data. LN affine / γ the file lacks keep their identity
-        init; every other missing or shape-different key fails the load.
+        The file's ``class_to_super`` is never read: the map comes from the init argument or the data. LN affine / γ
+        the file lacks keep their identity init; every other missing or shape-different key fails the load.
         """
-        report = load_dit_checkpoint(self.net, path, ignore_keys=[_MAP] if self.tiered else [_MAP, _TABLE],
-                                     ignore_mismatched=[_TABLE] if self.tiered else [],
-                                     allow_missing=[_TABLE, _MAP, *keys_not_in_dit(self.net)])
-        kept = self.tiered and _TABLE not in report.ignored and _TABLE not in report.missing
-        if kept and _MAP not in report.ignored:
-            # A flat DiT table can have the tiered shape (N classes + ∅ = N + 1 superclass row); only a file with a
-            # superclass map holds a tiered table, so this one starts fresh like any flat table.
-            torch.nn.init.normal_(self.net.y_embedder.embedding_table.weight, std=0.02)
-        elif kept:
-            rank_zero_info(f"FineDiffusion: kept the class table of {path}: it has the tiered table's shape "
-                           f"{tuple(self.net.y_embedder.embedding_table.weight.shape)}")
-        self._not_in_base = [f"net.{k}" for k in report.missing]
+        report = load_dit_checkpoint(self.net, path, label_table=_paper_rule if self.paper_table else self.label_table,
+                                     ignore_keys=[_MAP], allow_missing=[_MAP, *keys_not_in_dit(self.net)])
+        fit = report.label_table
+        if fit is not None and fit.kept == fit.model.size:
+            rank_zero_info(f"FineDiffusion: kept the class table of {path}: it has this tiered table's layout "
+                           f"({fit.model.describe()}, {tuple(self.net.y_embedder.embedding_table.weight.shape)})")
+        self.label_table_fitted(self.net, fit)
+        # A fresh table is not in the base file: a checkpoint that refers to the base must store it.
+        self._not_in_base = [f"net.{k}" for k in report.missing] + ([f"net.{_TABLE}"] if fit and fit.fresh else [])
         return report.source
 
     def _refers_to_base(self) -> bool:
