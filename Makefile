@@ -27,23 +27,24 @@ install-dev: $(VENV)/.installed-dev
 $(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
 	$(VENV)/bin/diffusion-transfer-data shapes $@ --resolution 16 --per-class 200 --seed 0 --domain $*
 
-# Stage 1 runs once; delete the checkpoint to pre-train again. The file appears only when the fit completes
-# (FinalCheckpoint), so an interrupted stage is redone, not taken as finished.
-$(DEMO_DIR)/checkpoints/pretrained-filled-unet.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
+# Every run writes into its own run directory (the config's trainer.default_root_dir), its finished weights as
+# <run dir>/final.ckpt. Stage 1 runs once; delete the checkpoint to pre-train again. The file appears only when the
+# fit completes (FinalCheckpoint), so an interrupted stage is redone, not taken as finished.
+$(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain_unet.yaml
 
 # The DiT source model of the DiT-based methods' shapes configs and benchmarks (DiffTuning, DMP, FineDiffusion,
 # long-tail).
-$(DEMO_DIR)/checkpoints/pretrained-filled.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
+$(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
 # The feature network of the metrics (FID etc. on shapes), trained on the target domain.
-$(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt: $(DEMO_DIR)/shapes-outline-16.zip
+$(DEMO_DIR)/features/final.ckpt: $(DEMO_DIR)/shapes-outline-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/features/shapes.yaml
 
-demo: $(DEMO_DIR)/checkpoints/pretrained-filled-unet.ckpt $(DEMO_DIR)/checkpoints/features-shapes-outline.ckpt
+demo: $(DEMO_DIR)/pretrain-unet/final.ckpt $(DEMO_DIR)/features/final.ckpt
 	$(VENV)/bin/diffusion-transfer fit --config configs/quickstart.yaml
-	$(VENV)/bin/diffusion-transfer predict --config configs/quickstart.yaml --ckpt_path $(DEMO_DIR)/checkpoints/quickstart-outline.ckpt
+	$(VENV)/bin/diffusion-transfer predict --config configs/quickstart.yaml --ckpt_path $(DEMO_DIR)/quickstart/final.ckpt
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,13 @@
 """The ablation that chose the CPU recipe of ``make demo``: what each change buys in sample quality and minutes.
 
-    make runs/demo/checkpoints/features-shapes-outline.ckpt       # the target's feature classifier (and data)
+    make runs/demo/features/final.ckpt       # the target's feature classifier (and data)
     python benchmarks/demo_recipe.py --recipes baseline,patch2 [--seed 0] [--num-images 200]
     python benchmarks/demo_recipe.py --recipes unet --resample '{"sampler": "ddpm", "steps": 250}'
 
 A ``RECIPES`` entry trains a DiT (or the U-Net) from scratch with ``configs/diffusion/shapes16_pretrain.yaml`` plus
 its overrides, on the "outline" shapes (the demo's target domain: what the samples must look like). A ``TRANSFERS``
 entry fine-tunes the cached pre-trained U-Net with ``configs/quickstart.yaml`` plus its overrides, as ``make demo``
-does (``make runs/demo/checkpoints/pretrained-filled-unet.ckpt`` first). Each run ends with one evaluation of
+does (``make runs/demo/pretrain-unet/final.ckpt`` first). Each run ends with one evaluation of
 ``--num-images`` samples at seeds from 100000 on (never used in training): class accuracy by the target's
 FeatureClassifier, precision/recall (k = 3) and FID in its 32-d features. Wall time is the whole ``fit``
 (training and the final evaluation). Each run's sample grid is kept under ``--work``; look at it.
@@ -78,7 +78,7 @@ def cosine(peak: float, total: int, warmup: int = 0) -> list[str]:
 
 
 #: name -> (max_steps, overrides of configs/quickstart.yaml): transfers of the cached "filled" U-Net
-#: (runs/demo/checkpoints/pretrained-filled-unet.ckpt) to "outline", as `make demo` runs them.
+#: (runs/demo/pretrain-unet/final.ckpt) to "outline", as `make demo` runs them.
 TRANSFERS: dict[str, tuple[int, list[str]]] = {
     "transfer": (1600, []),
     "transfer-1200": (1200, []),
@@ -123,7 +123,7 @@ def resample(name: str, args: argparse.Namespace) -> dict:
     """Evaluate a trained recipe's checkpoint again with other sampling options (``--resample JSON``)."""
     work = args.work / f"{name}-seed{args.seed}"
     checkpoint = max(work.rglob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-    output = work / "resample.json"
+    output = work / "resample" / "metrics.json"  # inside the run directory, trainer.default_root_dir
     start = time.perf_counter()
     cli(["validate", "--config", str(checkpoint.parents[1] / "config.yaml"), "--ckpt_path", str(checkpoint),
          *CPU_QUIET, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work / "resample"),
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--precision", default=None, help="trainer precision (default: the CLI's choice)")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
-    parser.add_argument("--features", type=Path, default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+    parser.add_argument("--features", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/demo_recipe"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_recipe.jsonl"))
     parser.add_argument("--resample", default=None, help="JSON sampling options: re-evaluate trained recipes only")

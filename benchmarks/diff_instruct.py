@@ -1,6 +1,6 @@
 """Diff-Instruct on shapes: a one-step generator distilled from an EDM teacher vs the teacher's 18-step Heun sampler.
 
-    make runs/demo/checkpoints/features-shapes-outline.ckpt      # the feature network (and runs/demo data)
+    make runs/demo/features/final.ckpt      # the feature network (and runs/demo data)
     python benchmarks/diff_instruct.py [--teacher-steps 600] [--iterations 100] [--seeds 0,1] [--num-images 500]
     python benchmarks/diff_instruct.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--speed-batch", type=int, default=64)
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--feature-network", type=Path,
-                        default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+                        default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-diff-instruct"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/diff_instruct.json"))
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")

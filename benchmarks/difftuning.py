@@ -1,6 +1,6 @@
 """Diffusion Tuning vs standard fine-tuning on a few-shot shapes transfer (filled -> outline), several seeds.
 
-    make runs/demo/checkpoints/pretrained-filled.ckpt runs/demo/checkpoints/features-shapes-outline.ckpt
+    make runs/demo/pretrain-dit/final.ckpt runs/demo/features/final.ckpt
     python benchmarks/difftuning.py [--per-class 20] [--steps 500] [--seeds 0,1,2] [--bank-size 2000]
     python benchmarks/difftuning.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
@@ -83,11 +83,11 @@ def main() -> None:
     parser.add_argument("--bank-steps", type=int, default=50)
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
     parser.add_argument("--eval-steps", type=int, default=50)
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"))
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
     parser.add_argument("--source", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
     parser.add_argument("--target", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--feature-network", type=Path,
-                        default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+                        default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-difftuning"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/difftuning.json"))
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")

@@ -1,6 +1,6 @@
 """Does DMP improve a converged DiT? DMP vs continued full fine-tuning vs prompt tuning on shapes, several seeds.
 
-    make runs/demo/checkpoints/pretrained-filled.ckpt
+    make runs/demo/pretrain-dit/final.ckpt
     python benchmarks/dmp.py [--steps 400] [--seeds 0,1,2] [--num-images 1000]
     python benchmarks/dmp.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
@@ -132,7 +132,7 @@ def main() -> None:
                         help="compare the methods even if the FID was still improving after --max-chunks chunks")
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
     parser.add_argument("--eval-steps", type=int, default=50)
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"))
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-dmp"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dmp.json"))

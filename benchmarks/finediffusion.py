@@ -1,6 +1,6 @@
 """FineDiffusion vs full fine-tuning, BitFit and DiffFit on a fine-grained shapes task, several seeds.
 
-    make runs/demo/checkpoints/pretrained-filled.ckpt
+    make runs/demo/pretrain-dit/final.ckpt
     python benchmarks/finediffusion.py [--steps 150] [--seeds 0,1,2] [--num-images 256]
     python benchmarks/finediffusion.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="the same s for every method")
     parser.add_argument("--profile-steps", type=int, default=20)
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"))
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
     parser.add_argument("--data", type=Path, default=None, help="default: WORK/shapes8-filled-16.zip (built)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-finediffusion"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finediffusion.json"))

@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1, help="shapes seed (the training data is seed 0)")
-    parser.add_argument("--features", type=Path, default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+    parser.add_argument("--features", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_real.jsonl"))
     args = parser.parse_args()

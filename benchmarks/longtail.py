@@ -1,6 +1,6 @@
 """DDPM vs CBDM vs T2H on long-tailed shapes (imbalance 0.01), several seeds, equal steps.
 
-    make runs/demo/checkpoints/pretrained-filled.ckpt runs/demo/checkpoints/features-shapes-outline.ckpt
+    make runs/demo/pretrain-dit/final.ckpt runs/demo/features/final.ckpt
     python benchmarks/longtail.py [--steps 350] [--seeds 0,1,2] [--methods ddpm,cbdm,t2h] [--num-images 1000]
     python benchmarks/longtail.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
@@ -15,7 +15,7 @@ Protocol, for each seed s and each method (configs/longtail/{ddpm,cbdm,t2h}_shap
 1. training data: the "outline" shapes (runs/demo/shapes-outline-16.zip, 200 images per class) cut to the long-tailed
    subset of ``--imbalance`` 0.01 by the data module (``longtail_imbalance``, as ``diffusion-transfer-data
    longtail``): class c keeps int(200 * 0.01^(c/19)) images, 200 for class 0 down to 2 for class 19, 911 in all;
-2. the model: the small DiT pre-trained on balanced "filled" shapes (runs/demo/checkpoints/pretrained-filled.ckpt),
+2. the model: the small DiT pre-trained on balanced "filled" shapes (runs/demo/pretrain-dit/final.ckpt),
    fine-tuned for ``--steps`` steps (batch 64, AdamW 5e-4, EMA 0.99, training seed s), the same for the three
    methods: whole-batch label drop 0.1; CBDM adds its regulariser (tau 1, gamma 1/4, y' uniform); T2H re-targets eps
    within each batch (mode t2h, no cut time). Starting from the pre-trained DiT is what makes 350 CPU steps enough
@@ -100,12 +100,12 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per evaluation")
     parser.add_argument("--eval-steps", type=int, default=100, help="DDIM steps (T2H's evaluator: 100)")
     parser.add_argument("--guidance-scale", type=float, default=2.5, help="s = 1 + w; T2H's w = 1.5")
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/checkpoints/pretrained-filled.ckpt"),
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"),
                         help="starting weights, or 'none' to train from scratch")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"),
                         help="the full balanced data set (training uses its long-tailed subset)")
     parser.add_argument("--feature-network", type=Path,
-                        default=Path("runs/demo/checkpoints/features-shapes-outline.ckpt"))
+                        default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-longtail"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/longtail.json"))
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")

@@ -23,8 +23,8 @@ from diffusion_transfer.cli import main as cli
 DEMO = Path("runs/demo")
 MODELS = {
     "untrained (random init)": None,
-    "source model (pre-trained on filled shapes)": DEMO / "checkpoints/pretrained-filled.ckpt",
-    "transferred (quickstart fine-tune on outline)": DEMO / "checkpoints/quickstart-outline.ckpt",
+    "source model (pre-trained on filled shapes)": DEMO / "pretrain-dit/final.ckpt",
+    "transferred (quickstart fine-tune on outline)": DEMO / "quickstart/final.ckpt",
 }
 METRICS = ("fid", "kid", "precision", "recall", "accuracy")
 
@@ -32,7 +32,7 @@ METRICS = ("fid", "kid", "precision", "recall", "accuracy")
 def evaluate(checkpoint: Path | None, seed: int, args: argparse.Namespace, output: Path) -> dict:
     command = ["validate", "--config", "configs/quickstart.yaml", "--trainer.limit_val_batches", "1",
                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(output.parent),
-               "--metrics.feature_network", str(DEMO / "checkpoints/features-shapes-outline.ckpt"),
+               "--metrics.feature_network", str(DEMO / "features/final.ckpt"),
                "--metrics.num_images", str(args.num_images), "--metrics.seed", str(seed),
                "--metrics.per_class", "false", "--metrics.sampling", json.dumps({"steps": args.steps}),
                "--metrics.output", str(output)]

@@ -35,7 +35,7 @@ def evaluate(precision: str, seed: int, args: argparse.Namespace, work: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoints/quickstart-outline.ckpt"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/quickstart/final.ckpt"))
     parser.add_argument("--seeds", default="100000,200000,300000", help="first seed of each evaluation")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--out", default="benchmarks/results/sample_precision_demo.json")

@@ -10,15 +10,24 @@
   of :class:`GenerativeEvaluation` (off until ``--metrics.feature_network`` is set).
 - Any LightningModule that takes ``num_classes``, ``resolution`` and ``channels`` can be the model: the
   methods, and :class:`~diffusion_transfer.metrics.FeatureClassifier` (the feature network for FID).
+- Every file a run writes lives under its run directory ``--trainer.default_root_dir``: relative output paths
+  (``FinalCheckpoint``'s, ``--writer.*``, ``--metrics.output``) are taken inside it
+  (:func:`~diffusion_transfer.callbacks.run_dir.in_run_dir`).
+- Options are never abbreviated, and an unknown option or config key is one line naming the closest known one
+  (:class:`DiffusionArgumentParser`).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
+from typing import NoReturn
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -34,6 +43,23 @@ from .io.atomic import AtomicCheckpointIO
 from .io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 from .runtime import default_precision
+
+
+class DiffusionArgumentParser(LightningArgumentParser):
+    """The CLI's parser: options are never abbreviated (``--trainer.max_step`` is not ``--trainer.max_steps``), and its
+    errors are short. An unknown option, on the command line or as a key of a ``--config`` file, is one line naming
+    the closest known option; any other error is jsonargparse's message without the usage text. Exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # a nested parser raises to its parent; debug mode keeps the traceback
+        text = _unknown_option(self, message, ex) or f"{message}\n(--help lists the options)"
+        sys.stderr.write(f"diffusion-transfer: error: {text}\n")
+        self.exit(2)
 
 
 class DiffusionCLI(LightningCLI):
@@ -159,6 +185,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionC
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_class=DiffusionArgumentParser,
         args=list(args) if args is not None else None,
         run=run,
     )
@@ -186,6 +213,70 @@ def _model_options(tokens: Sequence[object]) -> set[str]:
             if name and name not in ("class_path", "init_args", "dict_kwargs", "help"):
                 names.add(name)
     return names
+
+
+def _unknown_option(parser: LightningArgumentParser, message: str, ex: Exception | None) -> str | None:
+    """One line for a parse error about an unknown option or config key (with the closest known name), or None."""
+    dash, known = "", []
+    if match := re.match(r"unrecognized arguments: (.*)", message):
+        options = [token.split("=", 1)[0] for token in match.group(1).split() if token.startswith("--")]
+        if not options:
+            return None
+        key, dash = options[0][2:], "--"
+        # The root parser reports what the subcommand's parser left over: look at the subcommand's options.
+        subcommands = parser._subcommands_action._name_parser_map if parser._subcommands_action else {}
+        chosen = [sub for name, sub in subcommands.items() if name in (getattr(parser, "args", None) or ())]
+        for each in [parser, *(chosen or subcommands.values())]:
+            known += _option_names(each)
+    elif match := re.search(r"Subcommand '[^']+' does not accept option '([^']+)'", message):
+        key, known = match.group(1), _option_names(getattr(ex, "subcommand_parser", None) or parser)
+    elif match := re.search(r"Group '([^']+)' does not accept option '([^']+)'", message):
+        key, known = f"{match.group(1)}.{match.group(2)}", _option_names(parser)
+    elif match := re.search(r"Option '([^']+)' is not accepted(?! before)", message):
+        # A class's init_args (model, data, optimizer...): jsonargparse names the parser keys and class paths.
+        line_end = message.find("\n", match.end())
+        before = message[:match.start()]
+        prefix = "".join(f"{name}.init_args." for name in re.findall(r'Parser key "([^"]+)"', before))
+        key = prefix + match.group(1)
+        classes = re.findall(r"class_path[ =]'([^']+)'", message[:line_end if line_end >= 0 else None])
+        if not prefix:  # a parser without subcommands (build_cli(..., run=False)) checking its own keys
+            known = _option_names(parser)
+        else:
+            known = [prefix + name for name in _init_arg_names(classes[-1])] if classes else []
+        dash = "--" if "NestedArg" in message else ""
+    else:
+        return None
+    where = "" if dash else " in the config"
+    suggestion = _closest(key, known)
+    hint = f"did you mean {dash}{suggestion}?" if suggestion else "--help lists the options"
+    return f"unknown option {dash}{key}{where}; {hint}"
+
+
+def _option_names(parser: LightningArgumentParser) -> list[str]:
+    return [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+def _init_arg_names(class_path: str) -> list[str]:
+    """The init arguments jsonargparse accepts for ``class_path`` (empty if it cannot be resolved)."""
+    from jsonargparse import ArgumentParser
+
+    try:
+        module, _, name = class_path.rpartition(".")
+        scratch = ArgumentParser(exit_on_error=False)
+        scratch.add_class_arguments(getattr(importlib.import_module(module), name), fail_untyped=False)
+    except Exception:  # noqa: BLE001 - only a suggestion is lost
+        return []
+    return _option_names(scratch)
+
+
+def _closest(key: str, known: Sequence[str]) -> str | None:
+    """The known option closest to ``key``, preferring those of the same group (``trainer.``...)."""
+    group = key.rpartition(".")[0]
+    for pool in ([name for name in known if name.rpartition(".")[0] == group], known):
+        matches = difflib.get_close_matches(key, list(dict.fromkeys(pool)), n=1, cutoff=0.6)
+        if matches:
+            return matches[0]
+    return None
 
 
 _EXPECTED = (ConfigError, DatasetError, CheckpointError, MetricError, FileNotFoundError, FloatingPointError)

@@ -139,3 +139,106 @@ def test_two_process_cpu_ddp_fit(shapes_zip: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6 and "ema_raw_state" in checkpoint
     assert len(list((tmp_path / "runs").rglob("samples/step*.png"))) == 2  # validation grids, rank 0 only
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines  # no usage text
+    return lines[0]
+
+
+def test_an_unknown_option_is_one_line_naming_the_closest(shapes_zip: Path, tmp_path: Path, capsys) -> None:
+    config = tiny_config(tmp_path, shapes_zip)
+    cases = {
+        ("--trainer.max_step", "5"): "unknown option --trainer.max_step; did you mean --trainer.max_steps?",
+        ("--trainer.max_st=5",): "unknown option --trainer.max_st; did you mean --trainer.max_steps?",  # no prefixes
+        ("--model.init_args.sample_stepz", "3"):
+            "unknown option --model.init_args.sample_stepz; did you mean --model.init_args.sample_steps?",
+    }
+    for options, expected in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), *options])
+        assert exit_info.value.code == 2
+        assert _one_error_line(capsys) == f"diffusion-transfer: error: {expected}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0 and "--trainer.max_steps" in capsys.readouterr().out
+
+
+def test_an_unknown_config_key_is_one_line_naming_the_closest(shapes_zip: Path, tmp_path: Path, capsys) -> None:
+    config = tiny_config(tmp_path, shapes_zip)
+    cases = {
+        "trainer.yaml": ({"trainer": {"max_step": 5}},
+                         "unknown option trainer.max_step in the config; did you mean trainer.max_steps?"),
+        "model.yaml": ({"model": {"init_args": {"sample_stepz": 3}}}, "unknown option model.init_args.sample_stepz "
+                       "in the config; did you mean model.init_args.sample_steps?"),
+    }
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_text(yaml.safe_dump(content))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--config", str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        assert _one_error_line(capsys) == f"diffusion-transfer: error: {expected}"
+    # The correct spellings still work, on the command line and in a file.
+    (tmp_path / "right.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 5}}))
+    right = ["--config", str(config), "--config", str(tmp_path / "right.yaml")]
+    assert build_cli(right, run=False).trainer.max_steps == 5
+    assert build_cli(["--config", str(config), "--trainer.max_steps", "7"], run=False).trainer.max_steps == 7
+
+
+def _run_dir_config(tmp_path: Path, data: Path) -> Path:
+    """The tiny config as the repository's configs are: relative run directory, FinalCheckpoint, zip in the run."""
+    config = yaml.safe_load(tiny_config(tmp_path, data).read_text())
+    config["trainer"].update(default_root_dir="runs/one", logger=False, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"filename": "last", "enable_version_counter": False}},
+        {"class_path": "diffusion_transfer.callbacks.FinalCheckpoint"}])
+    config["writer"] = {"zip_path": "samples.zip"}
+    config["data"]["init_args"]["predict_seeds"] = "0-3"
+    path = tmp_path / "run_dir.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_fit_and_predict_write_only_into_the_run_directory(shapes_zip: Path, tmp_path: Path, monkeypatch) -> None:
+    config = _run_dir_config(tmp_path, shapes_zip)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # --trainer.default_root_dir moves every output of the run: nothing lands in runs/one or the working directory.
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", "runs/two"])
+    assert "runs/two/final.ckpt" in _files(work)
+    main(["predict", "--config", str(config), "--trainer.default_root_dir", "runs/two",
+          "--ckpt_path", "runs/two/final.ckpt"])
+    files = _files(work)
+    assert {f"runs/two/samples/{s:06d}.{e}" for s in range(4) for e in ("png", "label")} <= files
+    assert {"runs/two/samples.zip", "runs/two/samples-grid.png", "runs/two/checkpoints/last.ckpt"} <= files
+    assert all(f.startswith("runs/two/") for f in files), sorted(files)
+    # Each PNG's .label file is its class as decimal text (ImageWriter's docstring), the labels the zip holds.
+    labels = [int((work / f"runs/two/samples/{s:06d}.label").read_text()) for s in range(4)]
+    assert labels == ZipImageDataset(work / "runs/two/samples.zip").labels.tolist() == [0, 1, 2, 3]
+
+
+def test_output_paths_follow_the_run_directory_rule(shapes_zip: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    config = _run_dir_config(tmp_path, shapes_zip)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    predict = ["predict", "--config", str(config), "--data.init_args.predict_seeds", "0-1"]  # fresh weights
+    # Absolute paths are used as given; a relative path that starts with the run directory is not doubled.
+    main([*predict, "--writer.output_dir", str(tmp_path / "abs"), "--writer.zip_path", str(tmp_path / "abs.zip")])
+    main([*predict, "--writer.output_dir", "runs/one/again", "--writer.zip_path", "again.zip"])
+    assert {"abs/000000.png", "abs/000001.png", "abs-grid.png", "abs.zip"} <= _files(tmp_path)
+    assert _files(work) - {"runs/one/config.yaml"} == {
+        "runs/one/again/000000.png", "runs/one/again/000000.label", "runs/one/again/000001.png",
+        "runs/one/again/000001.label", "runs/one/again-grid.png", "runs/one/again.zip"}
+    # A path from the working directory into another run's folder would be doubled: refused in one line.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*predict, "--writer.output_dir", "runs/other/samples"])
+    line = _one_error_line(capsys)
+    assert exit_info.value.code == 2 and "writer.output_dir runs/other/samples" in line
+    assert "runs/one/runs/other/samples" in line and not (work / "runs/other").exists()

@@ -31,6 +31,7 @@ from ..metrics.features import FeatureExtractor, extract, load_feature_network
 from ..metrics.functional import MetricError
 from ..metrics.reference import ReferenceStats, compute_reference_stats
 from .ema import TrainableEMA
+from .run_dir import in_run_dir
 
 
 class GenerativeEvaluation(Callback):
@@ -59,7 +60,8 @@ class GenerativeEvaluation(Callback):
         kid_subsets, kid_subset_size: KID's subsets.
         tail_fraction: share of classes, rarest by training count, that ``fid_tail`` covers.
         output: JSON file for the results of ``validate``/``test``; default
-            ``<log_dir>/metrics-<stage>-step<step>.json``.
+            ``<log_dir>/metrics-<stage>-step<step>.json``. A relative path is taken inside the run directory
+            ``trainer.default_root_dir`` (the rule of :func:`~diffusion_transfer.callbacks.run_dir.in_run_dir`).
     """
 
     def __init__(
@@ -137,6 +139,10 @@ class GenerativeEvaluation(Callback):
         return self.feature_network is not None and self.num_images > 0
 
     # ------------------------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.output and stage != "fit":  # refuse an output path outside the run directory before sampling
+            in_run_dir(self.output, trainer.default_root_dir, "metrics.output")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
@@ -270,7 +276,7 @@ class GenerativeEvaluation(Callback):
             "metrics": {k: v for k, v in results.items() if not isinstance(v, float) or math.isfinite(v)},
         }
         if self.output and trainer.state.fn != "fit":
-            path = Path(self.output)
+            path = in_run_dir(self.output, trainer.default_root_dir, "metrics.output")
         else:
             path = Path(log_dir or ".") / f"metrics-{stage}-step{trainer.global_step:07d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""``ImageWriter``: write ``predict`` samples as ``{seed:06d}.png`` files, a grid beside them, and optionally a dataset
-zip; ``save_image_grid``, the one PNG grid writer (also of the validation grids)."""
+"""``ImageWriter``: write ``predict`` samples as ``{seed:06d}.png`` files (and ``{seed:06d}.label`` class files), a
+grid beside them, and optionally a dataset zip; ``save_image_grid``, the one PNG grid writer (also of the
+validation grids)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from ..data.archive import UNLABELLED, ClassInfo, write_dataset_zip
 from ..metrics.features import quantize
+from .run_dir import in_run_dir
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -41,7 +43,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: in
 
 
 class ImageWriter(BasePredictionWriter):
-    """Write each predicted image as ``output_dir/{seed:06d}.png``.
+    """Write each predicted image as ``output_dir/{seed:06d}.png``, and its class as ``{seed:06d}.label``.
 
     ``predict_step`` must return a dict with ``images`` (``[B, C, H, W]`` in [-1, 1]), ``seeds`` and
     ``labels`` (``[B]``). Each file is written under a temporary name and renamed, so an interrupted run
@@ -51,9 +53,21 @@ class ImageWriter(BasePredictionWriter):
     beside the folder (``<output_dir>-grid.png``, path in ``grid_path``), not inside it, so tools that read the
     folder see samples only.
 
+    Label files: beside each PNG of a class-conditional model, ``{seed:06d}.label`` holds the image's class
+    index as decimal text (``3``); an unconditional model writes none (and removes one an earlier run left).
+    Every rank writes its own batches, so the labels travel with their images without gathering them on one
+    rank. The zip's ``dataset.json`` (its ``labels``, in seed order; the seeds in ``generated.seeds``) is built
+    from these files; tools that read ``*.png`` (FID on a folder) ignore them.
+
+    Outputs live in the run directory: relative ``output_dir`` and ``zip_path`` are taken inside
+    ``trainer.default_root_dir`` (``samples`` -> ``<run dir>/samples``, grid ``<run dir>/samples-grid.png``),
+    absolute ones are used as given; a relative path that starts with the run directory is read from the
+    working directory, one that starts like it but leaves it is refused (the rule of
+    :func:`~diffusion_transfer.callbacks.run_dir.in_run_dir`). The paths are resolved when ``predict`` starts.
+
     Args:
-        output_dir: folder for the PNGs (created).
-        zip_path: optional dataset zip to write at the end.
+        output_dir: folder for the PNGs and label files (created); default ``samples`` in the run directory.
+        zip_path: optional dataset zip to write at the end (e.g. ``samples.zip`` in the run directory).
     """
 
     #: at most this many of a run's images go into its grid (``<output_dir>-grid.png``)
@@ -61,9 +75,19 @@ class ImageWriter(BasePredictionWriter):
 
     def __init__(self, output_dir: str = "samples", zip_path: str | None = None) -> None:
         super().__init__(write_interval="batch")
+        self.given = (output_dir, zip_path)
         self.output_dir = Path(output_dir)
-        self.zip_path = zip_path
+        self.zip_path: Path | None = Path(zip_path) if zip_path is not None else None
         self.grid_path: Path | None = None  # set on rank 0 once prediction ends
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "predict":  # the CLI adds the writer to every subcommand; only predict writes
+            return
+        output_dir, zip_path = self.given
+        root = trainer.default_root_dir
+        self.output_dir = in_run_dir(output_dir, root, "writer.output_dir")
+        self.zip_path = in_run_dir(zip_path, root, "writer.zip_path") if zip_path is not None else None
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
