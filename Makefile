@@ -38,6 +38,14 @@ $(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 $(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
+# Diffusion Tuning's replay bank: 10,000 samples of the DiT source model (configs/difftuning/bank.yaml).
+$(DEMO_DIR)/difftuning-bank/bank.zip: $(DEMO_DIR)/pretrain-dit/final.ckpt
+	$(VENV)/bin/diffusion-transfer predict --config configs/difftuning/bank.yaml --ckpt_path $(DEMO_DIR)/pretrain-dit/final.ckpt
+
+# The EDM teacher of configs/diff_instruct/shapes.yaml, and the EDM source model of README "Your own data".
+runs/edm/shapes/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
+	$(VENV)/bin/diffusion-transfer fit --config configs/edm/shapes.yaml
+
 # The feature network of the metrics (FID etc. on shapes), trained on the target domain.
 $(DEMO_DIR)/features/final.ckpt: $(DEMO_DIR)/shapes-outline-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/features/shapes.yaml

@@ -329,3 +329,115 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         write_dataset_zip(tmp_path / "out.zip", images())
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _pixels_and_labels(path: Path) -> tuple[list[bytes], list[int], dict]:
+    from diffusion_transfer.data import ImageCollection
+
+    collection = ImageCollection.open(path)
+    pixels = [np.asarray(collection.load(i).convert("RGB")).tobytes() for i in range(len(collection))]
+    labels = [] if collection.labels is None else collection.labels.tolist()
+    return pixels, labels, collection.classes.to_json()
+
+
+def test_export_then_convert_gives_the_same_images_and_labels(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "novel.zip"
+    assert run_tool(capsys, "shapes", source, "--kinds", "novel", "--colours", 3, "--per-class", 5, "--seed", 7)[0] == 0
+    code, out, _ = run_tool(capsys, "export", source, tmp_path / "images")
+    assert code == 0 and "60 images (12 class folders in 4 superclass folders)" in out
+    # superclass/class/ folders named NN-name, in index order.
+    supers = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert supers == ["00-star", "01-hexagon", "02-ring", "03-arrow"]
+    assert sorted(p.name for p in (tmp_path / "images/01-hexagon").iterdir()) == [
+        "03-red_hexagon", "04-green_hexagon", "05-blue_hexagon"]
+    assert sorted(p.name for p in (tmp_path / "images/00-star/00-red_star").iterdir()) == [
+        f"img{i:08d}.png" for i in range(5)]
+    assert run_tool(capsys, "convert", tmp_path / "images", tmp_path / "back.zip", "--resolution", 16)[0] == 0
+    pixels, labels, classes = _pixels_and_labels(source)
+    back_pixels, back_labels, back_classes = _pixels_and_labels(tmp_path / "back.zip")
+    assert back_pixels == pixels and back_labels == labels  # same images, same labels, same order
+    assert back_classes["superclasses"] == classes["superclasses"]
+    assert back_classes["class_names"][3] == "03-red_hexagon" and back_classes["superclass_names"][2] == "02-ring"
+
+
+def test_export_of_flat_and_class_only_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusion_transfer.data import ClassInfo
+
+    images = random_images(6, seed=3)
+    write_dataset_zip(tmp_path / "plain.zip", [(image, None) for image in images])
+    code, out, _ = run_tool(capsys, "export", tmp_path / "plain.zip", tmp_path / "flat")
+    assert code == 0 and "6 images (unlabelled, flat)" in out
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == [f"img{i:08d}.png" for i in range(6)]
+    # Labelled, without superclasses or names, classes out of order: class/ folders; convert pairs them back.
+    write_dataset_zip(tmp_path / "classes.zip", zip(images, [2, 0, 1, 0, 2, 1], strict=True),
+                      ClassInfo(class_names=["b c/d", "..", "Zeta"]))
+    assert run_tool(capsys, "export", tmp_path / "classes.zip", tmp_path / "classes")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == ["00-b_c_d", "01", "02-Zeta"]
+    for name, folder in (("plain.zip", "flat"), ("classes.zip", "classes")):
+        assert run_tool(capsys, "convert", tmp_path / folder, tmp_path / f"{folder}.zip")[0] == 0
+        pixels, labels, _ = _pixels_and_labels(tmp_path / name)
+        back_pixels, back_labels, _ = _pixels_and_labels(tmp_path / f"{folder}.zip")
+        assert sorted(zip(back_pixels, back_labels or [None] * 6)) == sorted(zip(pixels, labels or [None] * 6))
+
+
+def test_export_folder_names_sort_in_class_order() -> None:
+    from diffusion_transfer.data.tool import folder_name
+
+    assert folder_name(0, "red star", 12) == "00-red_star"
+    assert folder_name(7, "a/b:c  d", 12) == "07-a_b_c_d"
+    assert folder_name(3, ".hidden", 5) == "03-hidden"  # a leading dot would hide the class from convert
+    assert folder_name(4, "café crème", 5) == "04-caf_cr_me"
+    assert folder_name(2, "", 5) == folder_name(2, None, 5) == folder_name(2, "///", 5) == "02"
+    assert folder_name(7, "x", 1000) == "007-x"
+    assert len(folder_name(1, "y" * 300, 5)) == 3 + 64
+    names = ["zebra", "Ant", "10 cats", "9 dogs", "émeu", "ant"]
+    folders = [folder_name(c, n, len(names)) for c, n in enumerate(names)]
+    assert sorted(folders) == folders and len(set(folders)) == len(folders)
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusion_transfer.data import ClassInfo
+
+    write_dataset_zip(tmp_path / "d.zip", zip(random_images(4), [0, 1, 0, 1], strict=True))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    expect_error(capsys, "export", tmp_path / "d.zip", busy, names=str(busy),
+                 says="already exists and is a folder that is not empty")
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x")
+    expect_error(capsys, "export", tmp_path / "d.zip", tmp_path / "file", names="file", says="is a file")
+    (tmp_path / "empty").mkdir()
+    assert run_tool(capsys, "export", tmp_path / "d.zip", tmp_path / "empty")[0] == 0  # an empty folder is filled
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["00", "01"]
+    # A class without images cannot be a folder: refused before anything is written.
+    write_dataset_zip(tmp_path / "gap.zip", zip(random_images(2), [0, 2], strict=True),
+                      ClassInfo(class_names=["a", "b", "c"]))
+    expect_error(capsys, "export", tmp_path / "gap.zip", tmp_path / "gap", names="gap.zip",
+                 says="class 1 ('b') has no images")
+    expect_error(capsys, "export", tmp_path / "missing.zip", tmp_path / "out", names="missing.zip",
+                 says="no such file")
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name in ("gap", "out"))
+    assert leftovers == []
+
+
+def test_an_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusion_transfer.data import ImageCollection
+
+    write_dataset_zip(tmp_path / "d.zip", zip(random_images(4), [0, 1, 0, 1], strict=True))
+    load = ImageCollection.load
+
+    def interrupted(self: ImageCollection, index: int):
+        if index == 2:
+            raise KeyboardInterrupt
+        return load(self, index)
+
+    monkeypatch.setattr(ImageCollection, "load", interrupted)
+    code, _, err = run_tool(capsys, "export", tmp_path / "d.zip", tmp_path / "out")
+    assert code == 130 and "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.zip"]

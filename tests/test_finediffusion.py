@@ -246,8 +246,11 @@ def test_hierarchy_errors_are_clear(shapes_zip: Path) -> None:
         tiny_model(superclasses=[0, 1, 2])
     with pytest.raises(ValueError, match="only 4 superclass rows; set num_superclasses to at least 6"):
         tiny_model(superclasses=[5] * 32)
-    with pytest.raises(ValueError, match="needs num_superclasses"):
-        tiny_model(superclasses=None, num_superclasses=None)
+    unsized = tiny_model(superclasses=None, num_superclasses=None)  # the table waits for the data's hierarchy
+    with pytest.raises(ValueError, match="tiered table is not built yet"):
+        unsized.embedder.superclass_token(torch.tensor([0]))
+    with pytest.raises(DatasetError, match="FineDiffusion needs a class -> superclass map"):
+        unsized.setup("fit")  # no data module, no map
     # The shapes data (20 classes, shape = superclass) against a model built with another map.
     data = DiffusionDataModule(shapes_zip)
     model = tiny_model(num_classes=20, resolution=16, superclasses=[c % 4 for c in range(20)])
@@ -456,6 +459,19 @@ def test_peft_checkpoint_holds_only_trained_tensors_and_reloads_exactly(base_and
     with torch.no_grad():
         copied = FineDiffusion.load_with_base(tmp / "edited.ckpt", base=base).net.eval()(x, t, y)
         assert torch.equal(copied, model.net(x, t, y))
+
+
+def test_the_data_sizes_the_tiered_table_and_checkpoints_keep_it(base_and_data: dict[str, Path]) -> None:
+    tmp = base_and_data["tmp"]
+    model = tiny_model(checkpoint=str(base_and_data["base"]), superclasses=None, num_superclasses=None)
+    trainer = fit(model, base_and_data["data"], 1, tmp / "sized")  # 32 classes of 8 colours, 4 shape superclasses
+    assert model.embedder.num_superclasses == 4 and model.net.y_embedder.embedding_table.weight.shape[0] == 36
+    assert model.hparams["num_superclasses"] == 4 and model.hparams["superclasses"] == [c // 8 for c in range(32)]
+    assert model.selection.trainable < model.selection.total  # the preset chose again, with the tiered table
+    assert model.net.y_embedder.embedding_table.weight.requires_grad
+    trainer.save_checkpoint(tmp / "sized.ckpt")
+    reloaded = FineDiffusion.load_from_checkpoint(tmp / "sized.ckpt")  # no data: the table from the hyper-parameters
+    assert torch.equal(reloaded.net.y_embedder.embedding_table.weight, model.net.y_embedder.embedding_table.weight)
 
 
 def test_a_peft_fit_without_base_fails_before_its_first_step(base_and_data: dict[str, Path]) -> None:

@@ -326,3 +326,15 @@ def test_cli_fit_onto_a_new_label_space(tmp_path: Path, capsys) -> None:
     cli = build_cli([*args[1:], "--model.init_args.label_table", "reuse"], run=False)  # exposed on the CLI
     assert cli.model.label_table == "reuse"
     main([*args, "--model.init_args.label_table", "reinit"])  # fits, the fresh table trains with the patch
+
+
+@pytest.mark.parametrize("family", ["Diffusion", "Diffusion-UNet", "T2H-DiT", "DMP"])
+def test_a_checkpoint_of_another_diffusion_process_is_refused(family: str, tmp_path: Path) -> None:
+    # A v-prediction source fits an epsilon model's every shape; only the recorded hyper-parameters can tell.
+    donor = FAMILIES[family].model(K)
+    path = tmp_path / "v.ckpt"
+    save_checkpoint(donor, path, **{**dict(donor.hparams), "prediction": "v"})
+    with pytest.raises(CheckpointError, match=r"v.ckpt: .*prediction: 'v' there, 'epsilon' here.*"
+                                              r"set --model.init_args.prediction v$"):
+        FAMILIES[family].model(K, checkpoint=str(path)).setup("fit")
+    FAMILIES[family].model(K, checkpoint=str(path), prediction="v").setup("fit")  # the same process: loads

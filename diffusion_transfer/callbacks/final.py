@@ -55,4 +55,6 @@ class FinalCheckpoint(L.Callback):
             return
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path)  # a collective call under DDP
+        # A full checkpoint (optimizer and callback states too, so it can be resumed); saying so also keeps
+        # Lightning from logging "`weights_only` was not set" at the end of every fit. A collective call under DDP.
+        trainer.save_checkpoint(self.path, weights_only=False)

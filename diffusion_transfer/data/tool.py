@@ -10,6 +10,9 @@ Image folders without a ``dataset.json`` are labelled by their layout, ``class/i
 superclass holds them, so the two layouts of the same classes give identical labels; superclasses are numbered in
 the sorted order of their names. An empty class folder is an error that names it (delete it or add images), as is
 one class-folder name under two superclasses.
+
+``export`` writes a dataset back out as such a folder (:func:`export_folder`), so that ``convert`` of it gives the
+same images with the same labels.
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .archive import DatasetError, one_line
+from .archive import DatasetError, ImageCollection, one_line
 from .datasets import open_dataset
 from .longtail import PROFILES, make_longtail
 from .shapes import DOMAINS, KIND_SETS, make_shapes
-from .sources import TRANSFORMS, convert
+from .sources import TRANSFORMS, convert, open_source
 
 
 def dataset_info(path: str, verify: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -90,6 +96,99 @@ def _print_verified(info: dict[str, Any]) -> None:
         print(f"verified {info['verified']} {'latents' if info.get('latents') else 'images'}: OK")
 
 
+def folder_name(index: int, name: str | None, count: int) -> str:
+    """The folder of class (or superclass) ``index`` of ``count``: ``{index}-{safe name}``, e.g. ``03-red_hexagon``.
+
+    The index is zero-padded to the width of ``count - 1`` (at least 2 digits), so the sorted order of the folders,
+    by which ``convert`` numbers classes, is the index order. The name keeps ASCII letters, digits, ``.``, ``_`` and
+    ``-``; every run of other characters (spaces, ``/``, ``:``, non-ASCII...) becomes one ``_``, leading and trailing
+    ``._-`` are dropped and it is cut to 64 characters. A name that is then empty, or none, gives the index alone.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._-")[:64].rstrip("._-")
+    number = f"{index:0{max(2, len(str(count - 1)))}d}"
+    return f"{number}-{safe}" if safe else number
+
+
+def export_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], progress: bool = False) -> dict[str, Any]:
+    """Write the images of dataset ``src`` (zip, folder or CIFAR tarball) as PNG files in class folders at ``dest``.
+
+    Layout: ``superclass/class/img{index:08d}.png`` when the dataset has superclasses, ``class/img{index:08d}.png``
+    when it is labelled, flat ``img{index:08d}.png`` when it is not; folder names by :func:`folder_name`, ``index``
+    the image's position in ``src``. ``convert`` of the folder therefore gives back the same images, classes and
+    superclasses, in the same order when ``src`` is sorted by class (class names become the folder names). Written
+    to a temporary folder beside ``dest`` and renamed into place; an existing ``dest`` must be an empty folder.
+
+    Returns:
+        ``{"images": N, "classes": C, "superclasses": S, "layout": "superclass/class" | "class" | "flat"}``.
+
+    Raises:
+        DatasetError: ``dest`` exists and is not an empty folder; ``src`` holds latents, or has a class (or
+            superclass) without images, which a folder cannot hold (``convert`` refuses empty class folders).
+    """
+    dest = Path(dest)
+    _check_export_dest(dest)
+    collection = open_source(src)
+    if collection.latents:
+        raise DatasetError(f"{src}: holds VAE latents, not images; export the image zip they were encoded from")
+    parents = _export_folders(collection, src)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    from tqdm.auto import tqdm
+
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for i in tqdm(range(len(collection)), desc="export", unit="img", disable=not progress):
+            image = collection.load(i)
+            folder = tmp / parents[int(collection.labels[i])] if collection.labels is not None else tmp
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"img{i:08d}.png", format="PNG")
+        try:
+            os.replace(tmp, dest)  # over an empty folder too (POSIX rename)
+        except OSError as err:
+            raise DatasetError(f"{dest}: cannot move the exported images into place ({err.strerror}); choose a new "
+                               "folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    classes = collection.classes
+    layout = "flat" if collection.labels is None else "superclass/class" if classes.superclasses else "class"
+    return {"images": len(collection), "classes": collection.num_classes, "layout": layout,
+            "superclasses": len(set(classes.superclasses)) if classes.superclasses else 0}
+
+
+def _check_export_dest(dest: Path) -> None:
+    if dest.is_dir() and not any(dest.iterdir()):
+        return
+    if dest.exists() or dest.is_symlink():
+        what = "a folder that is not empty" if dest.is_dir() else "a file"
+        raise DatasetError(f"{dest}: already exists and is {what}; export writes a new folder: choose another "
+                           "path or delete it")
+
+
+def _export_folders(collection: ImageCollection, src: Any) -> list[str]:
+    """The folder (relative to the export root) of each class: ``class`` or ``superclass/class``."""
+    if collection.labels is None:
+        return []
+    classes, count = collection.classes, collection.num_classes
+    names = classes.class_names or [None] * count
+    empty = [c for c, n in enumerate(collection.class_counts) if n == 0]
+    if empty:
+        label = f" ('{names[empty[0]]}')" if names[empty[0]] else ""
+        raise DatasetError(f"{src}: class {empty[0]}{label} has no images, and a class folder cannot be empty "
+                           "(convert would renumber the classes after it); export a dataset whose classes all "
+                           "have images")
+    folders = [folder_name(c, names[c], count) for c in range(count)]
+    sup = classes.superclasses
+    if not sup:
+        return folders
+    num_super = len(classes.superclass_names) if classes.superclass_names else max(sup) + 1
+    unused = sorted(set(range(num_super)) - set(sup))
+    if unused:
+        raise DatasetError(f"{src}: superclass {unused[0]} holds no class, and a superclass folder cannot be empty; "
+                           "export a dataset whose superclasses all hold classes")
+    super_names = classes.superclass_names or [None] * num_super
+    return [f"{folder_name(sup[c], super_names[sup[c]], num_super)}/{folders[c]}" for c in range(count)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-transfer-data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", choices=TRANSFORMS, default="none")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+
+    p = sub.add_parser(
+        "export", help="dataset zip -> folder of class sub-folders of PNGs (convert reads it back)",
+        description="Write the images of a dataset zip (or folder, or CIFAR tarball) as PNGs in a new folder: "
+                    "superclass/class/ sub-folders when the dataset has superclasses, class/ when it is labelled, flat "
+                    "when not. Folders are named NN-name: the class index, zero-padded, then the name with every run "
+                    "of characters other than ASCII letters, digits, '.', '_' and '-' made one '_'. convert of the "
+                    "folder gives back the same images and labels. DEST must not exist or be an empty folder.")
+    p.add_argument("src", help="dataset zip (or image folder, or cifar-{10,100}-python.tar.gz)")
+    p.add_argument("dest", help="new folder")
 
     p = sub.add_parser("longtail", help="long-tailed subset of a labelled dataset zip")
     p.add_argument("src")
@@ -167,6 +276,12 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"note: {note}", file=sys.stderr)
             print(f"wrote {summary.dest}: {summary.images} images, {summary.resolution}x{summary.resolution}, "
                   f"{len(summary.class_counts) or 'no'} classes")
+        elif args.command == "export":
+            done = export_folder(args.src, args.dest, progress)
+            what = f"{done['classes']} class folders" if done["classes"] else "unlabelled, flat"
+            if done["superclasses"]:
+                what += f" in {done['superclasses']} superclass folders"
+            print(f"wrote {args.dest}: {done['images']} images ({what})")
         elif args.command == "longtail":
             meta = make_longtail(args.src, args.dest, args.imbalance, args.profile, args.seed, progress)
             counts = meta["class_counts"]

@@ -160,6 +160,38 @@ def safe_torch_load(
         raise error(message) from None  # torch's own text advises weights_only=False
 
 
+def recorded_hyperparameters(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``hyper_parameters`` a diffusion_transfer (Lightning) checkpoint recorded; ``{}`` for any other file.
+
+    Memory-mapped, so the tensors are not read. An unreadable file gives ``{}``: its loader reports it.
+    """
+    try:
+        obj = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True)
+    except (CheckpointError, OSError):
+        return {}
+    hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+    return dict(hparams) if isinstance(hparams, Mapping) else {}
+
+
+def check_same_settings(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose recorded training settings (e.g. ``prediction``) differ from ``expected``.
+
+    Weights of a v-prediction model loaded into an epsilon-prediction one fit every shape and train without an
+    error, from a start that is no better than noise: only the recorded hyper-parameters can tell. Files that
+    record none (official releases, plain state dicts) pass.
+
+    Raises:
+        CheckpointError: one line naming the file, each differing setting and the options that match the file.
+    """
+    recorded = recorded_hyperparameters(path)
+    differ = {k: recorded[k] for k, v in expected.items() if k in recorded and recorded[k] != v}
+    if differ:
+        said = "; ".join(f"{k}: {v!r} there, {expected[k]!r} here" for k, v in differ.items())
+        options = " ".join(f"--model.init_args.{k} {v}" for k, v in differ.items())
+        raise CheckpointError(f"{path}: the checkpoint was trained with another diffusion process ({said}), so its "
+                              f"outputs mean something else here: set {options}")
+
+
 def check_fits(module: nn.Module, state: Mapping[str, Any], *, strict: bool = True,
                file: str | os.PathLike[str] | None = None) -> None:
     """Refuse, before any weight is assigned, a state dict whose shapes (or, if ``strict``, keys) differ from

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
+from ..io.checkpoint import check_same_settings
 from ..io.dit_checkpoint import load_dit_checkpoint
 from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.dit import DiT_CONFIGS, build_dit
@@ -68,6 +69,11 @@ def build_backbone(arch: str, resolution: int, channels: int, num_classes: int, 
     # Unconditional data still gets a one-row table plus the null row; every label is then -1 (null).
     return build_dit(arch, input_size=resolution, in_channels=channels, num_classes=max(num_classes, 1),
                      class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, **(overrides or {}))
+
+
+#: Settings that give the net's output its meaning; a checkpoint trained with others is refused when loaded as a
+#: starting point (its shapes fit, its predictions do not).
+PROCESS_SETTINGS = ("prediction", "schedule", "num_timesteps", "learn_sigma")
 
 
 class Diffusion(DiffusionLightningBase):
@@ -166,7 +172,9 @@ class Diffusion(DiffusionLightningBase):
 
     def load_weights(self, path: str) -> str:
         """Load ``path`` strictly but for the label table (``label_table``): DiT files into a DiT, U-Net files
-        (CBDM / T2H ``.pt``, EDM ``.pkl``, our ``.ckpt``, ...) into the U-Net."""
+        (CBDM / T2H ``.pt``, EDM ``.pkl``, our ``.ckpt``, ...) into the U-Net. Our own ``.ckpt`` must also have
+        been trained with this model's :data:`PROCESS_SETTINGS` (e.g. a v-prediction source for a v model)."""
+        check_same_settings(path, {name: self.hparams[name] for name in PROCESS_SETTINGS if name in self.hparams})
         module = self.net.unet if isinstance(self.net, DiTCallUNet) else self.net
         load = load_unet_checkpoint if isinstance(self.net, DiTCallUNet) else load_dit_checkpoint
         report = load(module, path, label_table=self.label_table)

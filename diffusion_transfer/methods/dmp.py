@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import ConfigError
-from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from ..nets.dit import DiT
 from ..nets.dmp import MixtureOfPrompts, balance_loss
 from .diffusion import Diffusion, dit_loss
@@ -56,34 +55,6 @@ def dmp_loss(patch: MixtureOfPrompts, net: Callable[..., Tensor], process: Gauss
         out["balance"] = balance_loss(torch.stack(gates))
         out["loss"] = out["loss"] + balance_weight * out["balance"]
     return out
-
-
-#: Hyper-parameters that define the diffusion process a backbone was trained for (papers/dmp.md pitfall 6: the
-#: patch must train with the pre-training schedule). Compared with those a Lightning ``.ckpt`` base records.
-PROCESS_HPARAMS = ("schedule", "num_timesteps", "prediction", "learn_sigma")
-
-
-def check_base_process(path: str | os.PathLike[str], hparams: dict[str, Any]) -> None:
-    """Raise ConfigError if the Lightning checkpoint at ``path`` records a diffusion process other than ``hparams``.
-
-    Only our ``.ckpt`` files record one (under ``hyper_parameters``); official DiT ``.pt`` files and plain state
-    dicts record nothing and are not checked (the official DiT-XL/2 uses ``schedule: linear``). The file is
-    memory-mapped, so its tensors are not read again.
-    """
-    try:
-        saved = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True)
-    except (CheckpointError, FileNotFoundError):  # the base load that follows reports the file
-        return
-    recorded = saved.get("hyper_parameters") if isinstance(saved, dict) else None
-    if not isinstance(recorded, dict):
-        return
-    wrong = [f"{key}: {recorded[key]!r} there, {hparams[key]!r} here" for key in PROCESS_HPARAMS
-             if key in recorded and key in hparams and recorded[key] != hparams[key]]
-    if wrong:
-        fix = " ".join(f"--model.init_args.{key} {recorded[key]}" for key in PROCESS_HPARAMS
-                       if key in recorded and key in hparams and recorded[key] != hparams[key])
-        raise ConfigError(f"the base checkpoint {path} was pre-trained with another diffusion process "
-                          f"({'; '.join(wrong)}); DMP must train with the pre-training process: set {fix}")
 
 
 def _two_groups(factory: Callable[..., torch.optim.Optimizer], gate: list[nn.Parameter], gate_lr_scale: float,
@@ -153,11 +124,6 @@ class DMP(BaseReferencedCheckpoint, Diffusion):
     def denoiser(self) -> Callable[..., Tensor]:
         """The patched DiT ``(x, t, y, **kwargs) -> output``, used for sampling (and CFG) too."""
         return partial(self.patch, self.net)
-
-    def load_base_weights(self, path: str) -> str:
-        """The base's weights into the DiT, after checking that a ``.ckpt`` base shares this model's process."""
-        check_base_process(path, dict(self.hparams))
-        return super().load_base_weights(path)
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         x0, labels = batch

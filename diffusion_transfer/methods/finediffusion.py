@@ -46,6 +46,11 @@ _TABLE = "y_embedder.embedding_table.weight"
 _MAP = "y_embedder.class_to_super"
 
 
+_NO_HIERARCHY = ("FineDiffusion needs a class -> superclass map, and neither the data nor the model has one: use "
+                 "superclass/class/ folders, a dataset.json with 'superclasses', an iNat annotation file "
+                 "(diffusion-transfer-data convert), or model.init_args.superclasses")
+
+
 def _paper_rule(file: LabelLayout, model: LabelLayout) -> str:
     """FineDiffusion's default ``label_table``: a fresh table (paper §2.1), but a tiered table of this layout is kept.
 
@@ -79,7 +84,9 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
             patterns over net parameter names.
         tiered: the tiered table (paper); False keeps DiT's flat table with its ∅ row (baselines, CFG only).
         num_superclasses: S, the superclass rows (``--num-super-classes``; iNat21: 11). Default: from
-            ``superclasses``.
+            ``superclasses``; with neither, from the data: ``setup`` builds the tiered table from the data module's
+            ``superclass_of`` (S = its largest index + 1) and records S and π in the hyper-parameters, so the
+            checkpoints rebuild the same table.
         superclasses: π as a list (one superclass per class); default: the data module's ``superclass_of``.
         null_dropout_prob: ours: share of training labels sent to an extra ∅ row of the tiered table, so that
             plain CFG can be compared on the same model (paper: 0, no ∅ row).
@@ -133,15 +140,15 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         if guidance not in GUIDANCE:
             raise ConfigError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
         self.tiered = tiered
-        if tiered:
-            if num_superclasses is None and superclasses is None:
-                raise ConfigError("the tiered table needs num_superclasses (its superclass rows; iNat21: 11) or "
-                                  "the superclasses list")
+        self.peft = peft
+        self._null_dropout_prob = null_dropout_prob
+        if tiered and (num_superclasses is not None or superclasses is not None):
             count = num_superclasses if num_superclasses is not None else max(superclasses) + 1  # type: ignore
             install_tiered_embedder(self.net, count, superclasses, self.net.y_embedder.dropout_prob,
                                     null_dropout_prob)
-        elif guidance == "superclass":
+        elif guidance == "superclass" and not tiered:
             raise ConfigError("superclass guidance needs the tiered table; set tiered: true, or guidance: cfg")
+        # Otherwise the tiered table waits for the data's hierarchy (setup).
         self.sampling["guidance"] = guidance
         self._check_guidance(guidance)
         self.selection = select_trainable(self.net, peft)
@@ -151,6 +158,9 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
     @property
     def embedder(self) -> TieredLabelEmbedder:
         if not isinstance(self.net.y_embedder, TieredLabelEmbedder):
+            if self.tiered:
+                raise ConfigError("the tiered table is not built yet: it is made from the data's superclasses when "
+                                  "the model sets up; give num_superclasses or superclasses to build it now")
             raise ConfigError("this model has DiT's flat label table (tiered: false): it has no superclass tokens")
         return self.net.y_embedder
 
@@ -170,17 +180,32 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         self.embedder.set_superclasses(new, where)
 
     def setup(self, stage: str) -> None:
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        superclass_of = getattr(data, "superclass_of", None)
+        if self.tiered and not isinstance(self.net.y_embedder, TieredLabelEmbedder):
+            self._install_from_data(superclass_of, getattr(data, "path", "the data"))
         super().setup(stage)
         if not self.tiered:
             return
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        superclass_of = getattr(data, "superclass_of", None)
         if superclass_of is not None:
             self.set_superclasses(superclass_of, f"the superclasses of {getattr(data, 'path', 'the data')}")
         elif stage == "fit" and not self.embedder.has_superclasses:
-            raise DatasetError("FineDiffusion needs a class -> superclass map, and neither the data nor the model has "
-                               "one: use superclass/class/ folders, a dataset.json with 'superclasses', an iNat "
-                               "annotation file (diffusion-transfer-data convert), or model.init_args.superclasses")
+            raise DatasetError(_NO_HIERARCHY)
+
+    def _install_from_data(self, superclass_of: Sequence[int] | None, where: Any) -> None:
+        """The tiered table of the data's hierarchy (S = its largest superclass index + 1), before any weight loads;
+        S and π go into the hyper-parameters, so that checkpoints rebuild this table."""
+        if superclass_of is None:
+            raise DatasetError(f"{where}: {_NO_HIERARCHY}")
+        superclass_of = [int(s) for s in superclass_of]
+        count = max(superclass_of) + 1
+        install_tiered_embedder(self.net, count, superclass_of, self.net.y_embedder.dropout_prob,
+                                self._null_dropout_prob)
+        self.hparams["num_superclasses"], self.hparams["superclasses"] = count, superclass_of
+        self._check_guidance(self.sampling["guidance"])
+        self.selection = select_trainable(self.net, self.peft)
+        rank_zero_info(f"FineDiffusion: tiered table of {self.embedder.num_classes} classes + {count} superclasses "
+                       f"from {where}; peft={self.peft}: {self.selection}")
 
     # ------------------------------------------------------------------------------------ weights
     def load_base_weights(self, path: str) -> str:
