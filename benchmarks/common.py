@@ -6,6 +6,7 @@ import path, so they import this module as ``common``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -29,3 +30,20 @@ def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list
          "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
          "--trainer.default_root_dir", str(work / Path(config).stem),
          "--trainer.callbacks", checkpoint_callback(checkpoint)])
+
+
+def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, work: Path, num_images: int = 200,
+             sampling: str | None = None) -> dict:
+    """Sample metrics of ``checkpoint`` (a ``fit`` of ``config``) by ``diffusion-transfer validate``.
+
+    ``num_images`` class-balanced samples at seeds 100000 on (never used in training), drawn as the config's
+    ``metrics.sampling`` says unless ``sampling`` (JSON) is given, scored by the target's FeatureClassifier
+    ``features``: FID, precision/recall (k = 3), class accuracy. The run (and its metrics.json) lives in ``work``.
+    Returns the report's ``metrics`` dict.
+    """
+    cli(["validate", "--config", str(config), "--ckpt_path", str(checkpoint), *CPU_QUIET,
+         "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work),
+         "--metrics.feature_network", str(features), "--metrics.num_images", str(num_images),
+         "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.output", "metrics.json",
+         *(["--metrics.sampling", sampling] if sampling else [])])
+    return json.loads((work / "metrics.json").read_text())["metrics"]

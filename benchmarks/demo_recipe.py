@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from common import CPU_QUIET
+from common import CPU_QUIET, evaluate
 
 from diffusion_transfer.cli import build_cli
 from diffusion_transfer.cli import main as cli
@@ -77,6 +77,23 @@ def cosine(peak: float, total: int, warmup: int = 0) -> list[str]:
                       "final_div_factor": 1.0e3}})]
 
 
+#: The DiT source of the ``dit-*`` transfers: configs/diffusion/shapes16_pretrain.yaml on "filled" with patch 2,
+#: v-prediction and 200 warm-up steps, 2,400 steps (the U-Net source's recipe, on the DiT).
+DIT_SOURCE = Path("runs/demo_recipe/dit-patch2-v-source")
+DIT_SOURCE_OVERRIDES = dit(2, 128, 4, 4) + lr(1e-3, 200) + ["--model.init_args.prediction", "v",
+                                                             "--trainer.max_steps", "2400",
+                                                             "--trainer.val_check_interval", "1200"]
+
+
+def dit_source() -> Path:
+    """Train the DiT source once (its ``final.ckpt``), as ``make`` trains the U-Net one."""
+    final = DIT_SOURCE / "final.ckpt"
+    if not final.exists():
+        cli(["fit", "--config", "configs/diffusion/shapes16_pretrain.yaml", *CPU_QUIET, *DIT_SOURCE_OVERRIDES,
+             "--trainer.default_root_dir", str(DIT_SOURCE)])
+    return final
+
+
 #: name -> (max_steps, overrides of configs/quickstart.yaml): transfers of the cached "filled" U-Net
 #: (runs/demo/pretrain-unet/final.ckpt) to "outline", as `make demo` runs them.
 TRANSFERS: dict[str, tuple[int, list[str]]] = {
@@ -88,12 +105,16 @@ TRANSFERS: dict[str, tuple[int, list[str]]] = {
     "transfer-bs32-3200-g1.5": (3200, ["--data.init_args.batch_size", "32",
                                        "--model.init_args.guidance_scale", "1.5"]),
     "transfer-bs32-lr1e-3-2400": (2400, ["--data.init_args.batch_size", "32"] + lr(1e-3)),
+    # The same transfer of the DiT source above (dit_source): the quickstart recipe on a patch-2 v-prediction DiT.
+    "dit-transfer-3200": (3200, dit(2, 128, 4, 4) + ["--model.init_args.checkpoint", str(DIT_SOURCE / "final.ckpt")]),
 }
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
     config = "configs/quickstart.yaml" if name in TRANSFERS else "configs/diffusion/shapes16_pretrain.yaml"
     steps, overrides = {**RECIPES, **TRANSFERS}[name]
+    if name.startswith("dit-"):
+        dit_source()
     steps = args.steps or steps
     work = args.work / f"{name}-seed{args.seed}"
     command = ["fit", "--config", config, *CPU_QUIET, *overrides,
@@ -123,14 +144,9 @@ def resample(name: str, args: argparse.Namespace) -> dict:
     """Evaluate a trained recipe's checkpoint again with other sampling options (``--resample JSON``)."""
     work = args.work / f"{name}-seed{args.seed}"
     checkpoint = max(work.rglob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-    output = work / "resample" / "metrics.json"  # inside the run directory, trainer.default_root_dir
     start = time.perf_counter()
-    cli(["validate", "--config", str(checkpoint.parents[1] / "config.yaml"), "--ckpt_path", str(checkpoint),
-         *CPU_QUIET, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work / "resample"),
-         "--metrics.feature_network", str(args.features), "--metrics.num_images", str(args.num_images),
-         "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.sampling", args.resample,
-         "--metrics.output", str(output)])
-    results = json.loads(output.read_text())["metrics"]
+    results = evaluate(checkpoint.parents[1] / "config.yaml", checkpoint, args.features, work / "resample",
+                       args.num_images, args.resample)
     return {"recipe": name, "seed": args.seed, "resample": json.loads(args.resample), "checkpoint": str(checkpoint),
             "minutes": (time.perf_counter() - start) / 60,
             **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}

@@ -21,6 +21,7 @@ from diffusion_transfer.io.dit_checkpoint import (
     load_dit_checkpoint,
     read_dit_state_dict,
 )
+from diffusion_transfer.nets import attention as attention_module
 from diffusion_transfer.nets import dit as dit_module
 from diffusion_transfer.nets.dit import (
     DiT,
@@ -362,8 +363,8 @@ def test_attention_is_sdpa_with_packed_qkv(monkeypatch):
     expected = attn.proj(torch.cat(heads, dim=-1))
     calls = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(
-        dit_module.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    monkeypatch.setattr(  # float32 runs SDPA itself (nets/attention.py)
+        attention_module.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
     assert calls == [1]

@@ -32,9 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
 
 __all__ = [
     "DiT_CONFIGS",
@@ -274,7 +275,8 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention: one packed ``qkv`` Linear ([q; k; v] along dim 0), SDPA, output ``proj``.
 
-    Uses :func:`torch.nn.functional.scaled_dot_product_attention` with its default scale (D/heads)^-1/2.
+    Uses :func:`~diffusion_transfer.nets.attention.attention` (SDPA, or its explicit form for short bf16
+    sequences on a CPU) with SDPA's default scale (D/heads)^-1/2.
     [B, N, D] -> [B, N, D].
     """
 
@@ -292,7 +294,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         # [B, N, 3D] -> [3, B, heads, N, head_dim]; heads are contiguous inside each of q, k, v.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attention
+
 __all__ = [
     "STYLES",
     "UNET_CONFIGS",
@@ -214,7 +216,7 @@ class UNetBlock(nn.Module):
         if self.num_heads:
             b, c, h, w = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             x = (self.proj(attn.transpose(1, 2).reshape(b, c, h, w)) + x) * self.skip_scale
         return x
 
