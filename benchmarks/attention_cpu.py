@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusion_transfer.nets.attention import explicit_attention
+
 SHAPES = {
     "shapes DiT, patch 2 on 16 px (batch 64, 4 heads)": (64, 4, 64, 32),
     "demo U-Net at 8x8 (batch 64, 1 head of 64)": (64, 1, 64, 64),
@@ -27,12 +29,6 @@ SHAPES = {
     "DiT-S/2 on 32x32x4 latents (batch 8, 256 tokens)": (8, 6, 256, 64),
     "512 tokens": (8, 6, 512, 64),
 }
-
-
-def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The explicit form, always (nets/attention.py takes it only up to EXPLICIT_MAX_TOKENS)."""
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    return logits.float().softmax(dim=-1).to(v.dtype) @ v
 
 
 def seconds(fn, shape: tuple[int, ...], dtype: torch.dtype, steps: int) -> float:
@@ -57,7 +53,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             best = {"sdpa": float("inf"), "explicit": float("inf")}
             for _ in range(args.repeats):
-                for form, fn in (("sdpa", F.scaled_dot_product_attention), ("explicit", explicit)):
+                for form, fn in (("sdpa", F.scaled_dot_product_attention), ("explicit", explicit_attention)):
                     best[form] = min(best[form], seconds(fn, shape, dtype, args.steps))
             rows.append({"shape": name, "bhnd": shape, "dtype": str(dtype).removeprefix("torch."),
                          "sdpa_ms": best["sdpa"] * 1e3, "explicit_ms": best["explicit"] * 1e3,

@@ -27,6 +27,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         ``[..., N_q, d_v]`` in ``v``'s dtype.
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= EXPLICIT_MAX_TOKENS:
-        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        return logits.float().softmax(dim=-1).to(v.dtype) @ v
+        return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The explicit form: two batched matmuls, the softmax in float32. Shapes as :func:`attention`."""
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    return logits.float().softmax(dim=-1).to(v.dtype) @ v
