@@ -33,8 +33,8 @@ $(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
 $(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain_unet.yaml
 
-# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DiffTuning, DMP, FineDiffusion,
-# long-tail).
+# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DiffTuning, DMP, FineDiffusion).
+# The long-tail configs fine-tune the demo's U-Net, as the papers use the DDPM U-Net.
 $(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 

@@ -44,6 +44,7 @@ def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, w
     cli(["validate", "--config", str(config), "--ckpt_path", str(checkpoint), *CPU_QUIET,
          "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work),
          "--metrics.feature_network", str(features), "--metrics.num_images", str(num_images),
-         "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.output", "metrics.json",
+         "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.precision_recall", "true",
+         "--metrics.output", "metrics.json",
          *(["--metrics.sampling", sampling] if sampling else [])])
     return json.loads((work / "metrics.json").read_text())["metrics"]

@@ -1,5 +1,11 @@
 """The ceiling of the demo's sample metrics: the same metrics on real "outline" images that no model saw.
 
+    # the same for "filled"; benchmarks/shapes_configs.py trains its feature network, or:
+    diffusion-transfer fit --config configs/features/shapes.yaml --data.init_args.path runs/demo/shapes-filled-16.zip \
+        --trainer.default_root_dir runs/demo/features-filled
+    python benchmarks/heldout_real.py --domain filled --data runs/demo/shapes-filled-16.zip \
+        --features runs/demo/features-filled/final.ckpt
+
     make demo                                  # (or its data + feature classifier targets)
     python benchmarks/heldout_real.py [--per-class 10] [--seed 1]
 
@@ -32,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="shapes seed (the training data is seed 0)")
     parser.add_argument("--features", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
+    parser.add_argument("--domain", default="outline", help="the shapes domain of --data and --features")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_real.jsonl"))
     args = parser.parse_args()
     network = load_feature_classifier(args.features)
@@ -42,14 +49,14 @@ def main() -> None:
     reference = ReferenceStats.load(reference_path)
     with tempfile.TemporaryDirectory() as tmp:
         heldout = Path(tmp) / "heldout.zip"
-        make_shapes(heldout, resolution=16, per_class=args.per_class, seed=args.seed, domain="outline")
+        make_shapes(heldout, resolution=16, per_class=args.per_class, seed=args.seed, domain=args.domain)
         dataset = ZipImageDataset(heldout)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         labels = np.asarray(dataset.labels)
     features, logits = extract(network, images)
     results = score({"features": features.numpy(), "labels": labels, "logits": logits.numpy(),
                      "index": np.arange(len(labels))}, reference, ScoreOptions(per_class=False), num_classes=20)
-    row = {"per_class": args.per_class, "seed": args.seed, "feature_network": network.network_id,
+    row = {"domain": args.domain, "per_class": args.per_class, "seed": args.seed, "feature_network": network.network_id,
            **{k: results[k] for k in ("num_images", "accuracy", "precision", "recall", "fid")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as file:

@@ -1,25 +1,26 @@
 """DDPM vs CBDM vs T2H on long-tailed shapes (imbalance 0.01), several seeds, equal steps.
 
-    make runs/demo/pretrain-dit/final.ckpt runs/demo/features/final.ckpt
+    make runs/demo/pretrain-unet/final.ckpt runs/demo/features/final.ckpt
     python benchmarks/longtail.py [--steps 350] [--seeds 0,1,2] [--methods ddpm,cbdm,t2h] [--num-images 1000]
     python benchmarks/longtail.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
 Departures from the spec (papers/longtail.md), which trains the DDPM CIFAR U-Net from scratch with a fixed variance
-(eps MSE only) on CIFAR-LT: this is a **transfer** benchmark. Each method fine-tunes a small DiT pre-trained on the
-balanced "filled" shapes domain to a long-tailed "outline" domain, and keeps DiT's **learned sigma** (IDDPM hybrid
-loss: eps MSE + VB, the pre-trained checkpoint has the variance channels); CBDM's regulariser and T2H's re-targeting
-act on the eps part as in the papers. ``--pretrained none`` trains the same DiT from scratch instead (still learned
-sigma); the spec's U-Net recipe is configs/longtail/*_cifar10lt.yaml. Evaluation follows the spec: DDIM 100, w = 1.5.
+(eps MSE only) on CIFAR-LT: this is a **transfer** benchmark. Each method fine-tunes the demo's DDPM U-Net (1.1M
+parameters, v-prediction, pre-trained on the balanced "filled" shapes domain) to a long-tailed "outline" domain, and
+keeps its **learned sigma** (IDDPM hybrid loss: MSE + VB, the pre-trained checkpoint has the variance channels);
+the MSE regresses v, CBDM's regulariser compares v predictions and T2H's re-targeted pair gives the v target.
+``--pretrained none`` trains the same U-Net from scratch instead; the spec's recipe is
+configs/longtail/*_cifar10lt.yaml. (Until 2026-12-07 the configs fine-tuned a DiT-S/4 eps source instead.)
+Evaluation follows the spec: DDIM 100, w = 1.5.
 
 Protocol, for each seed s and each method (configs/longtail/{ddpm,cbdm,t2h}_shapes.yaml):
 1. training data: the "outline" shapes (runs/demo/shapes-outline-16.zip, 200 images per class) cut to the long-tailed
    subset of ``--imbalance`` 0.01 by the data module (``longtail_imbalance``, as ``diffusion-transfer-data
    longtail``): class c keeps int(200 * 0.01^(c/19)) images, 200 for class 0 down to 2 for class 19, 911 in all;
-2. the model: the small DiT pre-trained on balanced "filled" shapes (runs/demo/pretrain-dit/final.ckpt),
+2. the model: the demo's U-Net pre-trained on balanced "filled" shapes (runs/demo/pretrain-unet/final.ckpt),
    fine-tuned for ``--steps`` steps (batch 64, AdamW 5e-4, EMA 0.99, training seed s), the same for the three
    methods: whole-batch label drop 0.1; CBDM adds its regulariser (tau 1, gamma 1/4, y' uniform); T2H re-targets eps
-   within each batch (mode t2h, no cut time). Starting from the pre-trained DiT is what makes 350 CPU steps enough
-   for recognisable samples; training from scratch (``--pretrained none``) needs ~4x the steps;
+   within each batch (mode t2h, no cut time). The configs train 3,200 steps; ``--steps`` sets a shorter comparison;
 3. evaluation: ``--num-images`` samples with balanced labels (EMA weights, DDIM ``--eval-steps`` 100 as T2H's
    evaluator, w = 1.5, i.e. guidance_scale 2.5), measured with the shapes FeatureClassifier against the **full,
    balanced** outline set: FID, tail FID (the 6 rarest classes, 14-19, pooled; reference: their balanced images),
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per evaluation")
     parser.add_argument("--eval-steps", type=int, default=100, help="DDIM steps (T2H's evaluator: 100)")
     parser.add_argument("--guidance-scale", type=float, default=2.5, help="s = 1 + w; T2H's w = 1.5")
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"),
+    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-unet/final.ckpt"),
                         help="starting weights, or 'none' to train from scratch")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"),
                         help="the full balanced data set (training uses its long-tailed subset)")
@@ -113,13 +114,14 @@ def main() -> None:
     arch: list[str] = []
     if args.tiny:  # tiny models and data; the source model and the feature network are built here
         tmp = Path(tempfile.mkdtemp(prefix="bench-longtail-"))
-        arch = ["--model.init_args.arch_overrides", "{hidden_size: 32, depth: 2, num_heads: 2}"]
+        arch = ["--model.init_args.arch_overrides",
+                "{model_channels: 8, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [], dropout: 0.0}"]
         args.work, args.out, args.steps, args.num_images, args.eval_steps = tmp, tmp / "longtail.json", 3, 240, 2
         args.seeds = ",".join(args.seeds.split(",")[:2])
         args.pretrained, args.feature_network, args.data = tmp / "pretrained.ckpt", tmp / "features.ckpt", tmp / "o.zip"
         make_shapes(tmp / "filled.zip", resolution=16, per_class=20, seed=0, domain="filled")
         make_shapes(args.data, resolution=16, per_class=20, seed=1, domain="outline")
-        train_once("configs/diffusion/shapes16_pretrain.yaml", tmp / "filled.zip", args.pretrained, 2,
+        train_once("configs/diffusion/shapes16_pretrain_unet.yaml", tmp / "filled.zip", args.pretrained, 2,
                    arch, tmp)
         train_once("configs/features/shapes.yaml", args.data, args.feature_network, 2, [], tmp)
     for path in (args.data, args.feature_network, *([] if str(args.pretrained) == "none" else [args.pretrained])):

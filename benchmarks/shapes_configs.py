@@ -14,7 +14,9 @@ here once (``configs/features/shapes.yaml`` on their data). Reports class accura
 FID in the 32-d features and the wall time of the commands. The sample grid of each evaluation is kept; look
 at it.
 
-Appends one JSON line per config to benchmarks/results/shapes_configs.jsonl and prints a Markdown row.
+With ``--grids docs/images`` each evaluation's grid (the first sample of every class) is also saved there, enlarged
+3x, as ``shapes-NAME.png``: the README's pictures. Appends one JSON line per config to
+benchmarks/results/shapes_configs.jsonl and prints a Markdown row.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import yaml
 from common import CPU_QUIET, evaluate
+from PIL import Image
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data.tool import main as data_tool
@@ -83,6 +86,10 @@ def run(name: str, args: argparse.Namespace) -> dict:
     minutes = (time.perf_counter() - start) / 60
     results = evaluate(config, run_dir / "final.ckpt", features, run_dir / "eval", args.num_images)
     grids = sorted((run_dir / "eval").rglob("samples/*.png"), key=lambda p: p.stat().st_mtime)
+    if grids and args.grids:  # the README's picture of this config: the evaluation's grid, 3x, pixels kept sharp
+        with Image.open(grids[-1]) as grid:
+            args.grids.mkdir(parents=True, exist_ok=True)
+            grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(args.grids / f"shapes-{name}.png")
     return {"config": config, "target": domain, "minutes": minutes if args.train else None,
             "grid": str(grids[-1]) if grids else None,
             **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}
@@ -94,6 +101,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--no-train", dest="train", action="store_false",
                         help="only evaluate the runs' existing final.ckpt")
+    parser.add_argument("--grids", type=Path, default=None,
+                        help="also save each evaluation grid (a sample per class), 3x enlarged, as DIR/shapes-NAME.png")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes_configs.jsonl"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +111,9 @@ def main() -> None:
         with args.out.open("a") as file:
             file.write(json.dumps(row) + "\n")
         minutes = "" if row["minutes"] is None else f"{row['minutes']:.1f}"
-        print(f"| {name} (`{row['config']}`) | {row['target']} | {row['accuracy']:.3f} | {row['precision']:.3f} | "
-              f"{row['recall']:.3f} | {row['fid']:.2f} | {minutes} | {row['grid']} |", flush=True)
+        cells = [f"{row[k]:.3f}" if row[k] is not None else "" for k in ("accuracy", "precision", "recall")]
+        print(f"| {name} (`{row['config']}`) | {row['target']} | {' | '.join(cells)} | {row['fid']:.2f} | {minutes} | "
+              f"{row['grid']} |", flush=True)
 
 
 if __name__ == "__main__":

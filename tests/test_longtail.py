@@ -448,12 +448,16 @@ def test_diffusion_on_the_unet_backbone_trains_samples_and_guides_with_the_skipp
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-@pytest.mark.parametrize("config,arch", [("t2h_shapes.yaml", '{hidden_size: 32, depth: 2, num_heads: 2}'),
-                                         ("cbdm_cifar10lt.yaml", "{model_channels: 16, num_blocks: 1}")])
-def test_tiny_cli_fit_reads_the_long_tailed_class_counts(config: str, arch: str, shapes_zip: Path,
+@pytest.mark.parametrize("config,arch", [
+    ("t2h_shapes.yaml", ["--model.init_args.arch_overrides",  # its U-Net, v-prediction and learned sigma, tiny
+                         "{model_channels: 8, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: []}"]),
+    ("t2h_shapes.yaml", ["--model.init_args.arch", "DiT-S/2",  # the same config on a DiT
+                         "--model.init_args.arch_overrides", "{hidden_size: 32, depth: 2, num_heads: 2}"]),
+    ("cbdm_cifar10lt.yaml", ["--model.init_args.arch_overrides", "{model_channels: 16, num_blocks: 1}"])])
+def test_tiny_cli_fit_reads_the_long_tailed_class_counts(config: str, arch: list[str], shapes_zip: Path,
                                                          tmp_path: Path) -> None:
     cli = build_cli(["fit", "--config", str(REPO / "configs" / "longtail" / config),
-                     "--model.init_args.checkpoint", "null", "--model.init_args.arch_overrides", arch,
+                     "--model.init_args.checkpoint", "null", *arch,
                      "--model.init_args.val_num_images", "0", "--data.init_args.path", str(shapes_zip),
                      "--data.init_args.longtail_imbalance", "0.25", "--data.init_args.batch_size", "8",
                      "--data.init_args.num_workers", "0", "--metrics.feature_network", "null",

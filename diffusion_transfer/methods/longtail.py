@@ -21,6 +21,12 @@ T2H (Zhang et al., spec 2.8), under no_grad in float32, for each sample i of the
     L = mean ‖ε_θ(x_t, t, y or ∅) − ε̃‖²              (the label y_i is never swapped; q = training class prior)
     The share of rows with z_i ≠ i is logged against t (10 buckets, spec 6). ``conditional=False`` is the
     unconditional variant (the paper's Table 1): the gate still reads y, the net always gets ∅.
+
+Other predictions (``prediction: v`` or ``x0``, a departure from the papers, used by the shapes configs because an
+ε-prediction DiT draws pixel clouds there): every loss above goes through the process, which regresses the chosen
+target of the same pair (for T2H the re-targeted pair (x0_z, ε̃), so x_t and the gate are unchanged). CBDM's h and
+h' are then v predictions; at a fixed x_t, ε̂ = √ᾱ_t v̂ + √(1 − ᾱ_t) x_t, so ‖h − h'‖² in v is the ε distance
+divided by ᾱ_t: the regulariser weighs high-noise steps more than in ε.
 """
 
 from __future__ import annotations
