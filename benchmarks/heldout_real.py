@@ -1,13 +1,13 @@
 """The ceiling of the demo's sample metrics: the same metrics on real "outline" images that no model saw.
 
+    make demo                                  # (or its data + feature classifier targets)
+    python benchmarks/heldout_real.py [--per-class 10] [--seed 1]
+
     # the same for "filled"; benchmarks/shapes_configs.py trains its feature network, or:
     diffusion-transfer fit --config configs/features/shapes.yaml --data.init_args.path runs/demo/shapes-filled-16.zip \
         --trainer.default_root_dir runs/demo/features-filled
     python benchmarks/heldout_real.py --domain filled --data runs/demo/shapes-filled-16.zip \
         --features runs/demo/features-filled/final.ckpt
-
-    make demo                                  # (or its data + feature classifier targets)
-    python benchmarks/heldout_real.py [--per-class 10] [--seed 1]
 
 Draws ``--per-class`` new images per class of the shapes "outline" domain with another shapes seed (200 images by
 default, the size of the demo's evaluation) and scores them exactly as the demo scores its samples: features and

@@ -14,9 +14,9 @@ here once (``configs/features/shapes.yaml`` on their data). Reports class accura
 FID in the 32-d features and the wall time of the commands. The sample grid of each evaluation is kept; look
 at it.
 
-With ``--grids docs/images`` each evaluation's grid (the first sample of every class) is also saved there, enlarged
-3x, as ``shapes-NAME.png``: the README's pictures. Appends one JSON line per config to
-benchmarks/results/shapes_configs.jsonl and prints a Markdown row.
+With ``--grids docs/images`` each evaluation's sample grid (the config's ``val_num_images`` samples, classes in
+turn) is also saved there, enlarged 3x, as ``shapes-NAME.png``: the README's pictures. Appends one JSON line per
+config to benchmarks/results/shapes_configs.jsonl and prints a Markdown row.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--no-train", dest="train", action="store_false",
                         help="only evaluate the runs' existing final.ckpt")
     parser.add_argument("--grids", type=Path, default=None,
-                        help="also save each evaluation grid (a sample per class), 3x enlarged, as DIR/shapes-NAME.png")
+                        help="also save each evaluation's sample grid, 3x enlarged, as DIR/shapes-NAME.png")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes_configs.jsonl"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
