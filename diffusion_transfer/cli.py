@@ -44,6 +44,11 @@ from .io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
 from .metrics import FeatureClassifier, MetricError  # noqa: F401
 from .runtime import default_precision
 
+# --ckpt_path resumes one of our own runs; released weights (DiT, FineDiffusion, DMP, EDM, pytorch-ddpm files) are
+# read by the model's own loader, which knows their layouts and accepts their stored training arguments as data.
+RESUME_FIX = (f"{CKPT_FIX}; --ckpt_path takes a .ckpt of this library, so pass released weights (a DiT, "
+              "FineDiffusion, DMP, EDM or pytorch-ddpm file) as --model.init_args.checkpoint instead")
+
 
 class DiffusionArgumentParser(LightningArgumentParser):
     """The CLI's parser: options are never abbreviated (``--trainer.max_step`` is not ``--trainer.max_steps``), and its
@@ -101,14 +106,14 @@ class DiffusionCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = bool(path) and Path(path).is_file()
         if local:
-            safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True)
+            safe_torch_load(path, what="a checkpoint", fix=RESUME_FIX, mmap=True)
         try:
             super()._parse_ckpt_path()
         except Exception:
             if not local:
                 raise
             try:
-                safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX)  # the tensors too
+                safe_torch_load(path, what="a checkpoint", fix=RESUME_FIX)  # the tensors too
             except CheckpointError as damaged:
                 raise damaged from None  # torch's text, which advises weights_only=False, stays out
             raise  # the file is fine: another problem

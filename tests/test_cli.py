@@ -16,7 +16,7 @@ from diffusion_transfer.data import ZipImageDataset
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 TINY_MODEL = ["--model.init_args.arch_overrides", "{hidden_size: 32, depth: 2, num_heads: 2}"]
-TINY_UNET = ["--model.init_args.arch_overrides", "{model_channels: 16, num_blocks: 1}"]
+TINY_UNET = ["--model.init_args.arch_overrides", "{model_channels: 16, num_blocks: 1, min_channels_per_group: 4}"]
 
 
 def tiny_config(tmp_path: Path, data: Path, **trainer) -> Path:

@@ -151,6 +151,22 @@ def test_cli_refuses_a_damaged_ckpt_path(run, tmp_path: Path, capsys, subcommand
     assert not bad.with_suffix(".ran").exists()
 
 
+def test_cli_points_a_released_training_file_from_ckpt_path_to_checkpoint(run, tmp_path: Path, capsys) -> None:
+    # A released DiT/FineDiffusion train.py file ({model, ema, opt, args: Namespace}) is weights, not a run to resume.
+    import argparse
+
+    weights = torch.load(run["ckpt"], weights_only=True)["state_dict"]
+    released = tmp_path / "0050000.pt"
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": argparse.Namespace(lr=1e-4)}, released)
+    config = tiny_config(tmp_path, run["data"], max_steps=1, limit_val_batches=0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", str(config), "--ckpt_path", str(released)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert_one_line(err[0], released, "--model.init_args.checkpoint")
+
+
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_cli_refuses_a_damaged_checkpoint_init_arg(run, tmp_path: Path, capsys, how: str) -> None:
     bad = bad_file(run["ckpt"], tmp_path, how, seed=1)
@@ -251,7 +267,7 @@ def test_a_damaged_dit_file_is_refused_and_the_model_untouched(tmp_path: Path, h
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_a_damaged_unet_file_is_refused(tmp_path: Path, how: str) -> None:
-    net = build_unet("ddpm-cifar10", model_channels=16, num_blocks=1)
+    net = build_unet("ddpm-cifar10", model_channels=16, num_blocks=1, min_channels_per_group=4)
     good = tmp_path / "ckpt_100.pt"
     torch.save({"ema_model": net.state_dict()}, good)
     if how == "payload":

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -201,7 +202,7 @@ def test_phase_a_is_the_edm_loss_and_phase_b_only_reaches_the_generator() -> Non
         z = torch.randn(3, 3, 16, 16)
         with torch.no_grad():  # the generator in eval mode: x = D_θ(σ_init z; σ_init)
             x = process.denoise(model.generator.net.eval(), 2.5 * z, 2.5, labels)
-        expected = 2.0 * edm_loss(model.fake_score.train(), process, x, labels)["loss"]
+        expected = 2.0 * edm_loss(model.fake_score.train(), process, x, labels, reduction="sum")["loss"]
     assert torch.equal(phase_a, expected)
     nan_images = torch.full((3, 3, 16, 16), float("nan"))  # data-free: the images of a batch are never read
     assert all(torch.isfinite(v) for v in model.loss((nan_images, labels)).values())
@@ -227,6 +228,143 @@ def test_phase_a_is_the_edm_loss_and_phase_b_only_reaches_the_generator() -> Non
         (3.0 * ((d_fake - d_real) * x).sum((1, 2, 3)).mean()).backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(got, model.generator.parameters()))
     assert max(float(g.abs().max()) for g in got) > 0
+
+
+def test_phase_a_sums_over_pixels_and_its_first_adam_step() -> None:
+    # Spec 2.3 A.5: Σ over pixels, mean over the batch. Under Adam the sum is not the mean times a constant that
+    # cancels: eps meets a gradient C·H·W = 768 times larger.
+    torch.manual_seed(0)
+    model = tiny(sgls=1.5, lr=1e-2, eps=1e-3)  # a large eps, so that the reduction visibly changes the step
+    with torch.no_grad():
+        for p in model.fake_score.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    process, labels, pixels = model.process, torch.tensor([2, 4, 6, 8]), 3 * 16 * 16
+    x0 = torch.randn(4, 3, 16, 16)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        summed = edm_loss(model.fake_score, process, x0, labels, reduction="sum")["loss"]
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        mean = edm_loss(model.fake_score, process, x0, labels)["loss"]
+    assert torch.allclose(summed, pixels * mean, rtol=1e-5)
+    # The first step of the fake score's Adam (betas (0, 0.999)): m = g, v̂ = g², so Δ = -lr g / (|g| + eps), with g
+    # the gradient of sgls · mean_b Σ_pixels λ(σ) (D_φ(x + σn; σ) - x)², computed here from the draws.
+    params = [p for p in model.fake_score.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        with torch.no_grad():
+            x = process.denoise(model.generator.net.eval(), torch.randn(4, 3, 16, 16), 1.0, labels)
+        sigma = process.precond.sample_sigma(4)
+        noise = torch.randn_like(x)
+        model.fake_score.train()
+        d = process.denoise(model.fake_score, x + sigma.view(-1, 1, 1, 1) * noise, sigma, labels)
+        weight = (sigma**2 + 0.25) / (0.5 * sigma) ** 2
+        by_hand = 1.5 * (weight.view(-1, 1, 1, 1) * (d - x) ** 2).sum((1, 2, 3)).mean()
+    grads = torch.autograd.grad(by_hand, params)
+    opt_score = model.configure_optimizers()[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(7)  # the same draws
+        opt_score.zero_grad()
+        model.fake_score_loss(labels, 4).backward()
+        opt_score.step()
+    for p, p0, g in zip(params, before, grads):
+        assert torch.allclose(p.detach(), p0 - 1e-2 * g / (g.abs() + 1e-3), atol=1e-7, rtol=1e-5)
+    # The per-pixel mean (the former reduction) would have taken a measurably different step.
+    assert any(not torch.allclose(p.detach(), p0 - 1e-2 * (g / pixels) / (g.abs() / pixels + 1e-3), atol=1e-5)
+               for p, p0, g in zip(params, before, grads))
+
+
+def recorded_augment_labels(*modules: torch.nn.Module) -> list[list]:
+    """For each module, a list that collects the augment labels of its calls (``net(x, c_noise, labels, augment)``)."""
+    seen: list[list] = [[] for _ in modules]
+    for module, store in zip(modules, seen):
+        module.register_forward_pre_hook(lambda m, args, store=store: store.append(args[3]))
+    return seen
+
+
+def test_phase_a_augments_the_generator_samples_when_the_teacher_has_augment_labels() -> None:
+    from diffusion_transfer.diffusion.augment import AugmentPipe
+
+    # Spec 2.3 A.2 and 6: p = 0.12 when the teacher has augment_dim 9; off without augment input; 0 switches it off.
+    assert tiny().augment_pipe is None and tiny(arch_overrides={**TINY, "augment_dim": 9}, augment_p=0).augment_pipe \
+        is None
+    torch.manual_seed(0)
+    model = tiny(arch_overrides={**TINY, "augment_dim": 9, "dropout": 0.1}, sgls=2.0)
+    assert model.augment_pipe.p == 0.12 and model.hparams.augment_p is None
+    with torch.no_grad():
+        for p in model.fake_score.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fake_seen, teacher_seen = recorded_augment_labels(model.fake_score, model.net)
+    labels = torch.arange(16) % 20
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        phase_a = model.fake_score_loss(labels, 16)
+    with torch.random.fork_rng():  # by hand: generator samples, EDM's augmentation, then the summed EDM loss
+        torch.manual_seed(4)
+        with torch.no_grad():
+            x = model.process.denoise(model.generator.net.eval(), torch.randn(16, 3, 16, 16), 1.0, labels)
+        y, augment_labels = AugmentPipe(0.12)(x)
+        expected = 2.0 * edm_loss(model.fake_score.train(), model.process, y, labels, augment_labels,
+                                  reduction="sum")["loss"]
+    assert torch.equal(phase_a, expected)
+    assert torch.equal(fake_seen[0], augment_labels) and bool(augment_labels.abs().sum(1).gt(0).any())
+    assert not teacher_seen  # phase A never calls the teacher
+    fake_seen.clear()
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model.generator_loss(labels, 16)
+    assert fake_seen == [None] and teacher_seen == [None]  # phase B: no augmentation (zero labels)
+
+
+def test_attention_blocks_leave_nchw_activations_so_dropout_drops_the_originals_elements() -> None:
+    # EDM's activations stay contiguous NCHW; dropout draws its mask in memory order, so a layout change (with one
+    # head, our attention reshape is a channels-last view) drops other elements for the same seed.
+    from diffusion_transfer.nets.unet import UNetBlock
+
+    torch.manual_seed(0)
+    attn = UNetBlock(16, 16, 8, attention=True, num_heads=1, dropout=0.3, skip_scale=0.5**0.5, adaptive_scale=False)
+    after = UNetBlock(16, 16, 8, dropout=0.3, adaptive_scale=False)
+    with torch.no_grad():  # the blocks' convolutions are uninitialised until a U-Net initialises them
+        for p in [*attn.parameters(), *after.parameters()]:
+            p.copy_(torch.randn_like(p) * 0.2)
+    x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        mid = attn(x, emb)
+        out = after(mid, emb)
+    with torch.random.fork_rng():  # the reference: the same computation on contiguous tensors
+        torch.manual_seed(1)
+        reference = after(attn(x, emb).contiguous(), emb)
+    assert mid.is_contiguous() and torch.equal(out, reference)
+    # Eval mode: the block against the attention written out (the qkv channels laid out (heads, C/heads, 3)).
+    attn.eval()
+    with torch.no_grad():
+        h = F.silu(attn.norm1(attn.conv0(F.silu(attn.norm0(x))) + attn.affine(emb)[:, :, None, None]))
+        h = (attn.conv1(h) + x) * 0.5**0.5
+        q, k, v = attn.qkv(attn.norm2(h)).reshape(2, 16, 3, 16).unbind(2)
+        weights = torch.einsum("ncq,nck->nqk", q, k / 4).softmax(dim=2)
+        expected = (attn.proj(torch.einsum("nqk,nck->ncq", weights, v).reshape(2, 16, 4, 4)) + h) * 0.5**0.5
+        got = attn(x, emb)
+    assert got.is_contiguous() and torch.allclose(got, expected, atol=1e-5)
+    # A whole U-Net in train mode: the same output as with every block's output made contiguous.
+    net = build_unet("ddpmpp-cifar10", img_resolution=8, label_dim=0, **{**TINY, "dropout": 0.2,
+                                                                         "attn_resolutions": [8, 4]}).train()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, noise = torch.randn(2, 3, 8, 8), torch.tensor([0.1, -0.3])
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        out = net(x, noise)
+    hooks = [m.register_forward_hook(lambda m, args, output: output.contiguous()) for m in net.modules()
+             if isinstance(m, UNetBlock)]
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        reference = net(x, noise)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(out, reference)
 
 
 # ------------------------------------------------------------------------------------------------ the method

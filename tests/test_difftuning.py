@@ -220,9 +220,11 @@ def test_peft_presets_build_their_tensors_and_load_the_official_layout(tmp_path:
     d, depth = TINY["hidden_size"], TINY["depth"]
     bitfit = tiny(trainable="bitfit").selection.trainable
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 999]), torch.tensor([0, 7, 19])
-    # bias_norm adds the two LN affines of each block and the final LN; difffit γ_msa and γ_mlp per block.
-    for trainable, extra, depth_kw in (("bias_norm", depth * 4 * d + 2 * d, {}), ("difffit", depth * 2 * d, {}),
-                                       ("difffit", 2 * d, {"difffit_depth": 1})):
+    # bias_norm adds the two LN affines of each block and the final LN; difffit four γ per block (Diff-Tuning's:
+    # qkv 3D, attention output D, the two branches D each), or the DiffFit paper's two with difffit_scales 2.
+    for trainable, extra, depth_kw in (("bias_norm", depth * 4 * d + 2 * d, {}), ("difffit", depth * 6 * d, {}),
+                                       ("difffit", depth * 2 * d, {"difffit_scales": 2}),
+                                       ("difffit", 6 * d, {"difffit_depth": 1})):
         caplog.clear()
         with caplog.at_level(logging.INFO):
             model = tiny(trainable=trainable, **depth_kw)
@@ -233,7 +235,8 @@ def test_peft_presets_build_their_tensors_and_load_the_official_layout(tmp_path:
         model.load_weights(str(tmp_path / "pre.pt"))  # the new tensors may be absent; nothing else may
         with torch.no_grad():  # identity init: the function is the pre-trained one
             assert torch.allclose(model.net.eval()(x, t, y), pre.eval()(x, t, y), atol=1e-5)
-    assert {n for n in model.selection.names if "gamma" in n} == {"blocks.0.gamma_msa", "blocks.0.gamma_mlp"}
+    assert {n for n in model.selection.names if "gamma" in n} == {
+        "blocks.0.gamma_msa", "blocks.0.gamma_mlp", "blocks.0.attn.gamma_qkv", "blocks.0.attn.gamma_proj"}
     broken = {k: v for k, v in pre.state_dict().items() if k != "blocks.1.attn.proj.weight"}
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(DiTCheckpointError, match="blocks.1.attn.proj.weight"):
@@ -243,6 +246,46 @@ def test_peft_presets_build_their_tensors_and_load_the_official_layout(tmp_path:
         tiny(trainable="bias_norm", arch_overrides={**TINY, "norm_affine": False})
     with pytest.raises(ConfigError, match="'difffit' trains DiffFit branch scales"):
         tiny(trainable="difffit", difffit_depth=0)
+    with pytest.raises(ConfigError, match="difffit_scales must be 2 .* or 4 .*got 3"):
+        tiny(trainable="difffit", difffit_scales=3)
+
+
+def test_each_difffit_scale_multiplies_its_own_tensor() -> None:
+    """γ = v on one vector equals the γ-free DiT whose matching weights (and biases) are scaled by v by hand."""
+    torch.manual_seed(0)
+    pre = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=20, **TINY)
+    with torch.no_grad():
+        for name, p in pre.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.2)
+    model = tiny(trainable="difffit")
+    model.net.load_state_dict(pre.state_dict(), strict=False)  # only the γ are absent
+    net, d = model.net.eval(), TINY["hidden_size"]
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 999]), torch.tensor([0, 7, 19])
+    v3 = torch.rand(3 * d) + 0.5  # per channel of [q; k; v]
+    gate = slice(2 * d, 3 * d), slice(5 * d, 6 * d)  # adaLN chunks 2 and 5: gate_msa, gate_mlp
+
+    def scaled(layer: torch.nn.Linear, v: torch.Tensor | float, rows: slice = slice(None)) -> None:
+        layer.weight[rows] *= v if isinstance(v, float) else v[:, None]
+        layer.bias[rows] *= v
+
+    cases = {"attn.gamma_qkv": (v3, lambda b: scaled(b.attn.qkv, v3)),
+             "attn.gamma_proj": (2.0, lambda b: scaled(b.attn.proj, 2.0)),
+             "gamma_msa": (2.0, lambda b: scaled(b.adaLN_modulation[-1], 2.0, gate[0])),
+             "gamma_mlp": (2.0, lambda b: scaled(b.mlp.fc2, 2.0))}
+    with torch.no_grad():
+        base = pre.eval()(x, t, y)
+        assert torch.allclose(net(x, t, y), base, atol=1e-6)  # γ = 1: the source's function
+        for name, (value, by_hand) in cases.items():
+            gamma = net.get_parameter(f"blocks.1.{name}")
+            gamma.copy_(torch.ones_like(gamma) * value)
+            ref = build_dit("DiT-S/2", input_size=16, in_channels=3, num_classes=20, **TINY).eval()
+            ref.load_state_dict(pre.state_dict())
+            by_hand(ref.blocks[1])
+            expected = ref(x, t, y)
+            assert not torch.allclose(expected, base, atol=1e-4)  # the scale is visible
+            torch.testing.assert_close(net(x, t, y), expected, atol=1e-5, rtol=1e-5)
+            gamma.fill_(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- bank and CLI

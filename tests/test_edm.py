@@ -21,10 +21,13 @@ from diffusion_transfer.callbacks import TrainableEMA
 from diffusion_transfer.cli import main
 from diffusion_transfer.data import DiffusionDataModule
 from diffusion_transfer.diffusion import EDM, EDMPrecond, VEPrecond, VPPrecond, apply_guidance
+from diffusion_transfer.diffusion.augment import AugmentPipe
+from diffusion_transfer.errors import ConfigError
 from diffusion_transfer.io.checkpoint import CheckpointError
 from diffusion_transfer.io.edm_pickle import EDMPickleError, read_edm_pickle
 from diffusion_transfer.io.unet_checkpoint import UNetCheckpointError, load_unet_checkpoint
-from diffusion_transfer.methods import EDMDiffusion, load_edm_network
+from diffusion_transfer.methods import EDMDiffusion, edm_loss, load_edm_network
+from diffusion_transfer.methods.edm import check_same_precond
 from diffusion_transfer.nets import build_unet
 from diffusion_transfer.nets.unet import Conv2d, FourierEmbedding, PositionalEmbedding, UNet, UNetBlock
 
@@ -166,8 +169,23 @@ class EDMPrecondStandIn(nn.Module):
 
 
 class LossStandIn:
-    def __init__(self) -> None:
-        self.P_mean, self.P_std, self.sigma_data = -1.2, 1.2, 0.5
+    """EDM's loss object as a pickle carries it: a class name and its scalar settings."""
+
+    def __init__(self, edm_class: str = "EDMLoss", **settings) -> None:
+        self._edm_class = edm_class
+        self.__dict__.update(settings)
+
+
+# What EDM's train.py stores for each preconditioning (papers/edm.md 2.1-2.2): the precond's constants, the loss's.
+# VP's σ range is σ(ε_t), σ(1) as EDM computes it, in float32 (σ(1e-5) = 0.000977 there, 0.0010005 exactly).
+VP_RANGE = [float(VPPrecond().sigma(torch.tensor(t))) for t in (1e-5, 1.0)]
+PICKLE_SETTINGS = {
+    "EDMPrecond": ({"sigma_min": 0, "sigma_max": float("inf"), "sigma_data": np.float64(0.5)},
+                   ("EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5})),
+    "VPPrecond": ({"beta_d": 19.9, "beta_min": 0.1, "M": 1000, "epsilon_t": 1e-5, "sigma_min": VP_RANGE[0],
+                   "sigma_max": VP_RANGE[1]}, ("VPLoss", {"beta_d": 19.9, "beta_min": 0.1, "epsilon_t": 1e-5})),
+    "VEPrecond": ({"sigma_min": 0.02, "sigma_max": 100.0}, ("VELoss", {"sigma_min": 0.02, "sigma_max": 100.0})),
+}
 
 
 def persistent_name(obj: object) -> str | None:
@@ -176,7 +194,9 @@ def persistent_name(obj: object) -> str | None:
         return type(obj).__name__
     if isinstance(obj, (UNetBlock, Conv2d, PositionalEmbedding, FourierEmbedding, nn.GroupNorm, nn.Linear)):
         return type(obj).__name__
-    return {EDMPrecondStandIn: "EDMPrecond", LossStandIn: "EDMLoss"}.get(type(obj))
+    if isinstance(obj, LossStandIn):
+        return obj._edm_class
+    return {EDMPrecondStandIn: "EDMPrecond"}.get(type(obj))
 
 
 @pytest.fixture
@@ -200,13 +220,18 @@ def edm_standins(monkeypatch: pytest.MonkeyPatch):
 
 
 def write_edm_pickle(path: Path, net: UNet, init_kwargs: dict, standins, precond: str = "EDMPrecond",
-                     marker: Path | None = None) -> None:
+                     marker: Path | None = None, precond_attrs: dict | None = None,
+                     loss: tuple[str, dict] | None = None) -> None:
     """Pickle ``net`` the way EDM's training loop does (spec 4.1): a dict whose modules reduce to the persistence
-    hook with meta = {type, version, module_src, class_name, state}. The source text would write ``marker``."""
+    hook with meta = {type, version, module_src, class_name, state}. The source text would write ``marker``.
+
+    The precond stores the constants of :data:`PICKLE_SETTINGS` (updated by ``precond_attrs``); ``loss_fn`` is the
+    class and settings ``loss`` (default: the precond's own loss)."""
     source = f"open({str(marker)!r}, 'w').write('executed')\n" if marker else "raise RuntimeError('executed')\n"
+    constants, default_loss = PICKLE_SETTINGS[precond]
     ema = EDMPrecondStandIn(net, img_resolution=net.img_resolution, img_channels=net.in_channels,
-                            label_dim=net.label_dim, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
-                            sigma_data=np.float64(0.5), _init_args=(), _init_kwargs={"model_type": "SongUNet"})
+                            label_dim=net.label_dim, use_fp16=False, **{**constants, **(precond_attrs or {})},
+                            _init_args=(), _init_kwargs={"model_type": "SongUNet"})
     net._init_args, net._init_kwargs = (), init_kwargs
 
     class EDMPickler(pickle.Pickler):
@@ -219,7 +244,8 @@ def write_edm_pickle(path: Path, net: UNet, init_kwargs: dict, standins, precond
             meta = {"type": "class", "version": 6, "module_src": source, "class_name": name, "state": state}
             return standins.hook, (meta,)
 
-    data = {"ema": ema, "loss_fn": LossStandIn(), "augment_pipe": None,
+    loss_class, loss_settings = loss or default_loss
+    data = {"ema": ema, "loss_fn": LossStandIn(loss_class, **loss_settings), "augment_pipe": None,
             "dataset_kwargs": standins.EasyDict(path="cifar10-32x32.zip", xflip=False)}
     with path.open("wb") as f:
         EDMPickler(f).dump(data)
@@ -376,6 +402,110 @@ def test_pickle_with_another_precond_is_refused_by_the_method(tmp_path: Path, ed
                          num_classes=4, resolution=8, checkpoint=str(tmp_path / "baseline-vp.pkl"), val_num_images=0)
     model.setup("fit")
     assert torch.equal(model.net.map_noise.freqs, net.map_noise.freqs)
+
+
+def song_model(path: Path, kwargs: dict, **model_kwargs) -> EDMDiffusion:
+    """An EDMDiffusion with the architecture of :func:`tiny_song` that starts from ``path``."""
+    overrides = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "in_channels", "out_channels",
+                                                                "label_dim")}
+    return EDMDiffusion(arch="ncsnpp-cifar10", arch_overrides=overrides, num_classes=4, resolution=8,
+                        checkpoint=str(path), val_num_images=0, **model_kwargs)
+
+
+@pytest.mark.parametrize(("precond", "attrs", "loss", "named", "fix"), [
+    # EDMLoss settings: another training σ law (P_mean / P_std) with the same c_* coefficients.
+    ("EDMPrecond", {}, ("EDMLoss", {"P_mean": -1.0, "P_std": 1.4, "sigma_data": 0.5}),
+     ["P_mean: file -1.0 (loss_fn (EDMLoss)) vs model -1.2 -> set model.init_args.P_mean: -1.0",
+      "P_std: file 1.4 (loss_fn (EDMLoss)) vs model 1.2 -> set model.init_args.P_std: 1.4"],
+     {"P_mean": -1.0, "P_std": 1.4}),
+    # σ_d in the precond and in the loss.
+    ("EDMPrecond", {"sigma_data": 0.6}, ("EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.6}),
+     ["sigma_data: file 0.6 (ema (EDMPrecond)) vs model 0.5 -> set model.init_args.sigma_data: 0.6",
+      "sigma_data: file 0.6 (loss_fn (EDMLoss)) vs model 0.5"], {"sigma_data": 0.6}),
+    # VE: another σ range, which the c_* coefficients do not show at all.
+    ("VEPrecond", {"sigma_min": 0.01, "sigma_max": 50.0}, ("VELoss", {"sigma_min": 0.01, "sigma_max": 50.0}),
+     ["sigma_min: file 0.01 (ema (VEPrecond)) vs model 0.02 -> set model.init_args.precond_kwargs.sigma_min: 0.01",
+      "sigma_max: file 50.0 (loss_fn (VELoss)) vs model 100.0 -> set model.init_args.precond_kwargs.sigma_max: 50.0"],
+     {"precond": "ve", "precond_kwargs": {"sigma_min": 0.01, "sigma_max": 50.0}}),
+    # VP: β_min in the loss only (its precond is the default one).
+    ("VPPrecond", {}, ("VPLoss", {"beta_d": 19.9, "beta_min": 0.2, "epsilon_t": 1e-5}),
+     ["beta_min: file 0.2 (loss_fn (VPLoss)) vs model 0.1 -> set model.init_args.precond_kwargs.beta_min: 0.2"], None),
+])
+def test_pickle_constants_and_loss_settings_must_equal_the_models(tmp_path: Path, edm_standins, precond: str,
+                                                                  attrs: dict, loss: tuple, named: list[str],
+                                                                  fix: dict | None) -> None:
+    net, kwargs = tiny_song()
+    path = tmp_path / "edm.pkl"
+    write_edm_pickle(path, net, kwargs, edm_standins, precond=precond, precond_attrs=attrs, loss=loss)
+    name = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}[precond]
+    with pytest.raises(EDMPickleError) as info:
+        song_model(path, kwargs, precond=name).setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"{path} was trained with other {name} constants than this model's: ")
+    assert all(part in message for part in named), message
+    if fix is not None:  # the settings the error names make the file load
+        model = song_model(path, kwargs, **{"precond": name, **fix})
+        model.setup("fit")
+        assert torch.equal(model.net.map_noise.freqs, net.map_noise.freqs)
+        # load_edm_network builds the file's own process (e.g. VE's σ range clips the sampling grid).
+        assert load_edm_network(path)[1].precond == model.process.precond
+
+
+def test_a_loss_of_another_recipe_and_our_checkpoints_constants_are_refused(tmp_path: Path, edm_standins) -> None:
+    net, kwargs = tiny_song()
+    path = tmp_path / "vp-with-edm-loss.pkl"
+    write_edm_pickle(path, net, kwargs, edm_standins, precond="VPPrecond",
+                     loss=("EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5}))
+    with pytest.raises(EDMPickleError, match=r"sets P_mean=-1\.2 \(loss_fn \(EDMLoss\)\), P_std=1\.2 .*which precond "
+                                             "vp does not have"):
+        song_model(path, kwargs, precond="vp").setup("fit")
+    # The Precond of one of our checkpoints (Diff-Instruct's teacher check): every constant, the σ law included.
+    check_same_precond(EDMPrecond(), EDMPrecond(), "same.ckpt")
+    with pytest.raises(EDMPickleError, match=r"P_std: file 1\.0 \(hyper-parameters\) vs model 1\.2 -> set "
+                                             r"model\.init_args\.P_std: 1\.0"):
+        check_same_precond(EDMPrecond(P_std=1.0), EDMPrecond(), "teacher.ckpt")
+    with pytest.raises(EDMPickleError, match=r"sigma_max: file 50\.0 .*\.precond_kwargs\.sigma_max: 50\.0"):
+        check_same_precond(VEPrecond(sigma_max=50.0), VEPrecond(), "teacher.ckpt")
+    with pytest.raises(EDMPickleError, match=r"constants than this model's: beta_d: file 10\.0 \(hyper-parameters\) "
+                                             r"vs model 19\.9 -> set model\.init_args\.precond_kwargs\.beta_d: 10\.0$"):
+        check_same_precond(VPPrecond(beta_d=10.0), VPPrecond(), "teacher.ckpt")  # (its σ range follows)
+
+
+def test_precond_kwargs_are_checked() -> None:
+    assert tiny_model(precond="ve", precond_kwargs={"sigma_min": 0.01}).process.precond == VEPrecond(sigma_min=0.01)
+    with pytest.raises(ConfigError, match="not valid for precond ve: it takes sigma_max, sigma_min"):
+        tiny_model(precond="ve", precond_kwargs={"beta_d": 10.0})
+    with pytest.raises(ConfigError, match="sigma_data, P_mean and P_std are top-level model options"):
+        tiny_model(precond_kwargs={"P_mean": -1.0})
+
+
+def test_augment_p_augments_the_batch_and_feeds_its_labels_to_the_net() -> None:
+    torch.manual_seed(0)
+    model = tiny_model(arch_overrides={**TINY, "augment_dim": 9}, augment_p=0.5)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = []
+    model.net.register_forward_pre_hook(lambda module, args: seen.append(args[3]))
+    x0, labels = torch.rand(6, 3, 16, 16) * 2 - 1, torch.tensor([0, 3, 5, 7, 9, 19])
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        loss = model.loss((x0, labels))["loss"]
+    with torch.random.fork_rng():  # by hand: augment first, then EDM's loss of the augmented images
+        torch.manual_seed(5)
+        y, augment_labels = AugmentPipe(0.5)(x0)
+        expected = edm_loss(model.net, model.process, y, labels, augment_labels)["loss"]
+    assert torch.equal(loss, expected) and not torch.equal(y, x0)
+    assert torch.equal(seen[0], augment_labels) and seen[0].shape == (6, 9) and bool(seen[0].abs().sum(1).gt(0).any())
+    plain = tiny_model(arch_overrides={**TINY, "augment_dim": 9})  # augment_p 0: no augment labels (= zeros)
+    plain.net.register_forward_pre_hook(lambda module, args: seen.append(args[3]))
+    plain.loss((x0, labels))
+    assert seen[-1] is None and plain.augment(x0) == (x0, None)
+    with pytest.raises(ConfigError, match=r"augment_dim 0; set model\.init_args\.arch_overrides\.augment_dim: 9, "
+                                          "or augment_p: 0"):
+        tiny_model(augment_p=0.12)
+    with pytest.raises(ConfigError, match=r"augment_p must be in \[0, 1\]"):
+        tiny_model(arch_overrides={**TINY, "augment_dim": 9}, augment_p=1.5)
 
 
 def test_cli_refuses_a_malicious_checkpoint_with_one_line(shapes_zip: Path, tmp_path: Path, capsys) -> None:

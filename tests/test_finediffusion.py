@@ -3,8 +3,10 @@ hierarchy errors, DiffFit γ, iNat annotations, 8-colour shapes and a tiny CLI f
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from diffusion_transfer.data.shapes import render_shapes, shapes_classes
 from diffusion_transfer.data.sources import read_inat_annotations
 from diffusion_transfer.errors import ConfigError
 from diffusion_transfer.io.checkpoint import CheckpointError
-from diffusion_transfer.io.dit_checkpoint import DiTCheckpointError
+from diffusion_transfer.io.dit_checkpoint import DiTCheckpointError, read_dit_state_dict
+from diffusion_transfer.io.label_table import LabelLayout
 from diffusion_transfer.io.peft_checkpoint import checkpoint_bytes, peft_checkpoint_info
 from diffusion_transfer.nets import build_dit
 from diffusion_transfer.nets.class_embedder import TieredLabelEmbedder, install_tiered_embedder
@@ -32,6 +35,7 @@ from diffusion_transfer.nets.peft import parameter_groups, select_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+_TABLE = "y_embedder.embedding_table.weight"
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
 
 
@@ -523,6 +527,139 @@ def test_a_base_of_another_width_names_the_mismatch(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"(?s)x_embedder\.proj\.weight: file \(48, 3, 2, 2\) vs model "
                                               r"\(32, 3, 2, 2\).*the file looks like: .*hidden_size=48"):
         tiny_model().load_weights(str(tmp_path / "wide.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- released checkpoints
+
+class RunsCode:
+    """Unpickling this would run ``touch MARKER``: the DiT loader must refuse it (and never run it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def original_file(path: Path, model: nn.Module, ema: nn.Module, **args) -> dict[str, torch.Tensor]:
+    """Write ``path`` in the original train.py's layout: {model, ema, opt, args}, no superclass map, args a Namespace;
+    returns the EMA state as written."""
+    def plain(net: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in net.state_dict().items() if k != "y_embedder.class_to_super"}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model(torch.randn(1, 3, 8, 8), torch.tensor([5]), torch.tensor([3])).sum().backward()
+    opt.step()  # a real optimizer state: per-tensor moments and steps, param_groups with tuples and floats
+    namespace = argparse.Namespace(model="DiT-S/2", image_size=8, num_classes=32, num_super_classes=4, epochs=100,
+                                   global_batch_size=3, global_seed=0, vae="mse", resume="DiT-S-2.pt", **args)
+    torch.save({"model": plain(model), "ema": plain(ema), "opt": opt.state_dict(), "args": namespace}, path)
+    return plain(ema)
+
+
+def test_an_original_checkpoint_loads_through_checkpoint_with_the_writers_forward(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = randomize(tiny_model(), seed=3)  # what the original trained: LN affine, 32 + 4 rows, π(c) = c // 8
+    ema = randomize(tiny_model(), seed=4)
+    path = tmp_path / "0005000.pt"
+    written = original_file(path, writer.net, ema.net)
+    saved = torch.load(path, weights_only=False)  # the test's own file: check it has the original's layout
+    assert set(saved) == {"model", "ema", "opt", "args"} and isinstance(saved["args"], argparse.Namespace)
+    assert "y_embedder.class_to_super" not in saved["ema"] and saved["ema"][_TABLE].shape == (36, 32)
+    # Before: the Namespace was refused, and without a map the 36 rows read as 35 classes + ∅ and were made fresh.
+    x, t = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 250, 500, 750, 999])
+    y = torch.tensor([0, 9, 31, 32, 35])  # fine classes and superclass tokens N + s
+    for part, source in (("ema", ema), ("model", writer)):
+        model = tiny_model(checkpoint=str(path), checkpoint_part=part)
+        with caplog.at_level(logging.INFO):
+            model.load_pretrained()  # how `checkpoint:` loads in every stage's setup
+        with torch.no_grad():
+            assert torch.equal(model.net.eval()(x, t, y), source.net.eval()(x, t, y))
+            guided = model.guided_denoiser(y[:3], 4.0, 3)(x[:3], t[:3])  # superclass guidance: [y; N + π(y)]
+            assert torch.equal(guided, source.guided_denoiser(y[:3], 4.0, 3)(x[:3], t[:3]))
+        fit = model.label_table_fit
+        assert (fit.kept, fit.fresh, fit.file) == (36, 0, LabelLayout(32, 4))
+        assert f"{path} (part: {part}): the file's class table has no superclass map but exactly this tiered " \
+               "shape (32 classes + 4 superclass rows = 36 rows) and the hierarchy has 4 superclasses, so it is " \
+               "read as this tiered table" in caplog.text
+        assert model._not_in_base == ["net.y_embedder.class_to_super"]  # table, LN affine: all from the file
+    # reinit still starts fresh, whatever the file holds; the rest loads, and the forward differs (the issue's bug).
+    fresh = tiny_model(checkpoint=str(path), label_table="reinit")
+    table = fresh.net.y_embedder.embedding_table.weight.detach().clone()
+    fresh.load_pretrained()
+    assert torch.equal(fresh.net.y_embedder.embedding_table.weight, table)
+    assert not torch.equal(table, written[_TABLE])
+    assert torch.equal(fresh.net.blocks[1].attn.qkv.weight, written["blocks.1.attn.qkv.weight"])
+    with torch.no_grad():
+        assert not torch.allclose(fresh.net.eval()(x, t, y), ema.net.eval()(x, t, y), atol=1e-3)
+    with pytest.raises(ConfigError, match="checkpoint_part must be one of ema, model, got 'opt'"):
+        tiny_model(checkpoint_part="opt")
+
+
+def test_one_superclass_needs_label_table_tiered_and_a_wrong_shape_is_named(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # With S = 1 the tiered shape (32 + 1 rows) is also a flat DiT's (32 classes + ∅): read as flat unless told.
+    one = dict(num_superclasses=1, superclasses=[0] * 32)
+    writer = randomize(tiny_model(**one), seed=5)
+    path = tmp_path / "one.pt"
+    original_file(path, writer.net, writer.net)
+    model = tiny_model(**one, checkpoint=str(path))
+    table = model.net.y_embedder.embedding_table.weight.detach().clone()
+    with caplog.at_level(logging.INFO):
+        model.load_pretrained()
+    assert torch.equal(model.net.y_embedder.embedding_table.weight, table)  # the paper's fresh table
+    assert "read as flat; set label_table tiered if it is a FineDiffusion table" in caplog.text
+    with pytest.raises(DiTCheckpointError, match=r"one.pt: the checkpoint is for 32 classes, 8×8×3, this model for 32 "
+                                                 r"classes \+ 1 superclass row, .*, or tiered if the file holds"):
+        tiny_model(**one, checkpoint=str(path), label_table="strict").load_pretrained()
+    told = tiny_model(**one, checkpoint=str(path), label_table="tiered")
+    told.load_pretrained()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3, 400, 900]), torch.tensor([0, 31, 32])
+    with torch.no_grad():
+        assert torch.equal(told.net.eval()(x, t, y), writer.net.eval()(x, t, y))
+    # `tiered` with a file of another shape (4 superclasses: 36 rows) names both sizes; a flat model refuses it.
+    four = tmp_path / "four.pt"
+    original_file(four, tiny_model().net, tiny_model().net)
+    with pytest.raises(DiTCheckpointError, match=r"four.pt: label_table tiered reads .* \(32 classes \+ 1 superclass "
+                                                 r"row = 33 rows\), but it has 36 rows; build the model"):
+        tiny_model(**one, checkpoint=str(four), label_table="tiered").load_pretrained()
+    with pytest.raises(ConfigError, match="label_table tiered .* but tiered is false"):
+        tiny_model(tiered=False, guidance="cfg", label_table="tiered")
+    with pytest.raises(ConfigError, match="label_table must be one of strict, reuse, reinit, tiered"):
+        tiny_model(label_table="keep")
+
+
+def test_a_namespace_is_read_as_data_and_any_other_global_is_refused(tmp_path: Path) -> None:
+    net = tiny_model().net
+    path = tmp_path / "args.pt"
+    original_file(path, net, net)
+    state, source = read_dit_state_dict(path)  # no trusted_globals needed
+    assert source == "ema" and set(state) == set(net.state_dict()) - {"y_embedder.class_to_super"}
+    marker = tmp_path / "ran"
+    for name, args in (("payload", RunsCode(marker)), ("nested", argparse.Namespace(f=os.system))):
+        bad = tmp_path / f"{name}.pt"
+        torch.save({"ema": state, "args": args}, bad)
+        model = tiny_model(checkpoint=str(bad))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(DiTCheckpointError) as info:
+            model.load_pretrained()
+        message = str(info.value)
+        assert "\n" not in message and str(bad) in message and "system" in message  # names the refused global
+        assert "refuses" in message and "weights_only=False" not in message
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not marker.exists()
+
+
+def test_every_finediffusion_config_guides_the_originals_three_channels() -> None:
+    for config in sorted((REPO / "configs/finediffusion").glob("*.yaml")):
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["guidance_channels"] == 3, config.name
+    # On the shapes config's RGB data (3 ε channels + 3 learned-variance ones) 3 is every ε channel: the same
+    # function as null ("all"); the variance half comes from the subclass half either way.
+    model = tiny_model()
+    model.net = HandNet(model.net.y_embedder)
+    y, x, t = torch.tensor([0, 9, 31]), torch.randn(3, 3, 8, 8), torch.zeros(3, dtype=torch.long)
+    three, every = model.guided_denoiser(y, 4.0, 3)(x, t), model.guided_denoiser(y, 4.0, None)(x, t)
+    assert torch.equal(three, every)
+    assert not torch.equal(three, model.guided_denoiser(y, 4.0, 2)(x, t))  # the count matters where it is < C
 
 
 def test_tiny_cli_fit_and_predict(base_and_data: dict[str, Path], tmp_path: Path) -> None:

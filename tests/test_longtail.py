@@ -11,6 +11,7 @@ import torch
 from diffusion_transfer.cli import build_cli
 from diffusion_transfer.diffusion.gaussian import GaussianDiffusion
 from diffusion_transfer.errors import ConfigError
+from diffusion_transfer.io.checkpoint import CheckpointError
 from diffusion_transfer.methods import CBDM, T2H, Diffusion, LongTailDDPM, longtail
 from diffusion_transfer.methods.longtail import (
     cbdm_loss,
@@ -23,6 +24,7 @@ from diffusion_transfer.methods.longtail import (
 )
 
 from .helpers import TINY_DIT, TINY_UNET
+from .test_unet import ddpm_checkpoint, ddpm_reference_forward
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = [40, 20, 10, 5]  # class 0 is the head, class 3 the tail
@@ -298,18 +300,24 @@ def test_t2h_logs_the_per_t_transfer_rate_pooled_over_steps_when_the_logger_writ
 
 @pytest.mark.parametrize("backbone", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
 def test_unconditional_t2h_never_shows_the_net_a_class_label(backbone: dict) -> None:
-    seen: list[torch.Tensor] = []
+    seen: list[torch.Tensor | None] = []
 
     def labels_seen(model: Diffusion) -> None:
-        # What the label embedding receives: DiT table indices (null = num_classes), U-Net one-hots.
-        layer = model.net.unet.map_label if hasattr(model.net, "unet") else model.net.y_embedder.embedding_table
-        layer.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+        # What the net's class input receives: DiT table indices (null = num_classes); the U-Net's class_labels
+        # (int, -1 = none; None when it has no label map).
+        if hasattr(model.net, "unet"):
+            model.net.unet.register_forward_hook(lambda mod, args, out: seen.append(args[2]))
+        else:
+            model.net.y_embedder.embedding_table.register_forward_hook(
+                lambda mod, args, out: seen.append(args[0].detach().clone()))
 
-    def is_null(x: torch.Tensor) -> bool:
-        return bool((x == 0).all()) if x.is_floating_point() else bool((x == 4).all())
+    def is_null(x: torch.Tensor | None) -> bool:
+        return x is None or bool((x == -1).all()) or bool((x == 4).all())
 
     for conditional in (True, False):
         model = tiny(T2H, backbone, conditional=conditional, class_dropout_prob=0.1, transfer_mode="t2h")
+        if hasattr(model.net, "unet"):  # unconditional: no label map at all (pytorch-ddpm's unconditional layout)
+            assert (model.net.unet.map_label is None) == (not conditional)
         randomise(model)
         labels_seen(model)
         seen.clear()
@@ -330,6 +338,52 @@ def test_unconditional_t2h_never_shows_the_net_a_class_label(backbone: dict) -> 
     assert bool((y_in == -1).all()) and bool(kw["force_drop_ids"].all())
     with pytest.raises(ConfigError, match="null row"):
         tiny(T2H, conditional=False, class_dropout_prob=0.0)
+
+
+def test_unconditional_t2h_and_ddpm_load_an_original_unconditional_checkpoint(tmp_path: Path) -> None:
+    # A pytorch-ddpm / T2H ckpt.pt without label_embedding, at a width where GroupNorm(32) applies (32, 64, 96 ch).
+    ch, ch_mult, blocks = 32, (1, 2), 1
+    sd = ddpm_checkpoint(tmp_path / "uncond.pt", ch, ch_mult, (1,), blocks, 0)
+    ddpm_checkpoint(tmp_path / "cond.pt", ch, ch_mult, (1,), blocks, 4)
+    unet = {"arch": "ddpm-cifar10", "learn_sigma": False,
+            "arch_overrides": {"model_channels": ch, "channel_mult": list(ch_mult), "num_blocks": blocks,
+                               "attn_resolutions": [4], "dropout": 0.0}}
+    x, y = batch(4)
+    t = torch.tensor([0, 5, 500, 999])
+    with torch.no_grad():
+        ref = ddpm_reference_forward(sd, x, t, None)
+    for cls in (T2H, LongTailDDPM):
+        model = tiny(cls, unet, conditional=False).eval()
+        assert "map_label.weight" not in model.net.unet.state_dict()
+        assert model.load_weights(str(tmp_path / "uncond.pt")) == "ddpm:ema_model"
+        with torch.no_grad():
+            torch.testing.assert_close(model.net(x, t, y), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            guided = model.guided_denoiser(y, 2.5, None)(x, t)  # unconditional: no guidance, any label
+            torch.testing.assert_close(guided, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        # A conditional file into this model names the setting to change, and loads without its label map under
+        # label_table reuse.
+        with pytest.raises(CheckpointError, match=r"class-conditional \(4 classes(.|\n)*conditional: true"):
+            model.load_weights(str(tmp_path / "cond.pt"))
+    tiny(T2H, unet, conditional=False, label_table="reuse").load_weights(str(tmp_path / "cond.pt"))
+    # The unconditional file into a conditional model names conditional: false (not label_table, which would
+    # leave the label map untrained from a fresh start).
+    with pytest.raises(CheckpointError, match=r"file is unconditional(.|\n)*conditional: false"):
+        tiny(T2H, unet).load_weights(str(tmp_path / "uncond.pt"))
+    with pytest.raises(ConfigError, match="label_dim=4"):
+        tiny(T2H, {**unet, "arch_overrides": {**unet["arch_overrides"], "label_dim": 4}}, conditional=False)
+
+
+def test_unconditional_ddpm_trains_without_labels_and_cbdm_refuses_to_be_unconditional() -> None:
+    calls: list[dict] = []
+    model = tiny(LongTailDDPM, conditional=False)  # a DiT: it keeps its table and gets the null label
+    model.net.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    model.train()
+    for seed in range(5):  # every row of every batch null, whatever the label-drop draw would have been
+        torch.manual_seed(seed)
+        model.loss(batch(8))
+    assert len(calls) == 5 and all(bool((kw["y"] == -1).all() and kw["force_drop_ids"].all()) for kw in calls)
+    with pytest.raises(ConfigError, match="CBDM cannot be unconditional"):
+        tiny(CBDM, conditional=False)
 
 
 @pytest.mark.parametrize("backbone", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
@@ -453,7 +507,8 @@ def test_diffusion_on_the_unet_backbone_trains_samples_and_guides_with_the_skipp
                          "{model_channels: 8, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: []}"]),
     ("t2h_shapes.yaml", ["--model.init_args.arch", "DiT-S/2",  # the same config on a DiT
                          "--model.init_args.arch_overrides", "{hidden_size: 32, depth: 2, num_heads: 2}"]),
-    ("cbdm_cifar10lt.yaml", ["--model.init_args.arch_overrides", "{model_channels: 16, num_blocks: 1}"])])
+    ("cbdm_cifar10lt.yaml", ["--model.init_args.arch_overrides",  # 48 channels: EDM's GroupNorm rule
+                             "{model_channels: 16, num_blocks: 1, min_channels_per_group: 4}"])])
 def test_tiny_cli_fit_reads_the_long_tailed_class_counts(config: str, arch: list[str], shapes_zip: Path,
                                                          tmp_path: Path) -> None:
     cli = build_cli(["fit", "--config", str(REPO / "configs" / "longtail" / config),

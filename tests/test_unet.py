@@ -12,9 +12,10 @@ from torch import Tensor
 
 from diffusion_transfer.io.unet_checkpoint import UNetCheckpointError, load_unet_checkpoint
 from diffusion_transfer.nets import DDPMUNet, DhariwalUNet, SongUNet, build_unet
-from diffusion_transfer.nets.unet import Conv2d, PositionalEmbedding
+from diffusion_transfer.nets.unet import Conv2d, PositionalEmbedding, UNetBlock
 
-TINY = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,), "dropout": 0.0}
+TINY = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,), "dropout": 0.0,
+        "min_channels_per_group": 4}  # EDM's GroupNorm rule: DDPM's GroupNorm(32) cannot split 48 channels
 
 
 def perturb(net: torch.nn.Module, scale: float = 0.1) -> None:
@@ -124,6 +125,39 @@ def test_adm_layout_names_and_widths() -> None:
     assert sum(k.startswith("dec.8x8_block") and k.endswith("conv0.weight") for k in sd) == 4
     assert "enc.32x32_down.skip.resample_filter" in sd and "enc.32x32_down.skip.weight" not in sd
     assert net.enc["8x8_block0"].num_heads == 768 // 64
+
+
+@pytest.mark.parametrize(("width", "num_heads", "heads"), [
+    (32, None, 0), (60, None, 0), (64, None, 1), (128, None, 2), (192, None, 3), (256, 0, 0), (32, 1, 1),
+    (256, 2, 2)])
+def test_attention_heads_follow_edms_rule(width: int, num_heads: int | None, heads: int) -> None:
+    # EDM: num_heads if given (0 = none; SongUNet passes 1), else out_channels // channels_per_head, 0 under 64.
+    block = UNetBlock(width, width, emb_channels=8, attention=True, num_heads=num_heads, channels_per_head=64)
+    assert block.num_heads == heads
+    assert any(k.startswith("qkv.") for k in block.state_dict()) == (heads > 0)
+    x = torch.randn(1, width, 4, 4)
+    assert block(x, torch.randn(1, 8)).shape == x.shape
+
+
+def test_narrow_adm_has_no_attention_and_loads_that_layout_strictly() -> None:
+    # 32 channels at 8 px (attention asked, 0 heads) and 64 at 4 px (1 head): EDM builds norm2/qkv/proj only there.
+    net = DhariwalUNet(8, 3, 3, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8, 4))
+    sd = net.state_dict()
+    attention = {k.rsplit(".", 2)[0] for k in sd if ".qkv." in k}
+    assert attention == {"enc.4x4_block0", "dec.4x4_in0", "dec.4x4_block0", "dec.4x4_block1"}
+    assert all(sd[f"{name}.qkv.weight"].shape == (192, 64, 1, 1) for name in attention)
+    assert not any(k.startswith(("enc.8x8_", "dec.8x8_")) and (".qkv." in k or ".norm2." in k) for k in sd)
+    # A state dict of that layout (random values, shapes from the table above) loads strictly; the old layout,
+    # with one head forced on the 32-channel blocks, does not.
+    generator = torch.Generator().manual_seed(0)
+    copy = DhariwalUNet(8, 3, 3, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8, 4))
+    copy.load_state_dict({k: torch.randn(v.shape, generator=generator) for k, v in sd.items()}, strict=True)
+    old = {**sd, "enc.8x8_block0.qkv.weight": torch.zeros(96, 32, 1, 1), "enc.8x8_block0.qkv.bias": torch.zeros(96)}
+    with pytest.raises(RuntimeError, match="Unexpected key.*enc.8x8_block0.qkv.weight"):
+        copy.load_state_dict(old, strict=True)
+    assert all(b.num_heads == 0 for b in DhariwalUNet(8, 3, 3, model_channels=64, channel_mult=(1,), num_blocks=1,
+                                                       attn_resolutions=(8,), num_heads=0).modules()
+               if isinstance(b, UNetBlock))
 
 
 def test_own_state_dict_loads_strictly_and_unknown_names_are_refused() -> None:
@@ -253,7 +287,7 @@ def test_label_map_init_is_the_families_own(family: str) -> None:
 
 def ddpm_layout(ch: int, ch_mult: tuple[int, ...], attn: tuple[int, ...], num_res_blocks: int, num_class: int,
                 steps: int) -> dict[str, tuple[int, ...]]:
-    """pytorch-ddpm's state-dict layout (longtail.md 2.2, 4), with CBDM's label_embedding."""
+    """pytorch-ddpm's state-dict layout (longtail.md 2.2, 4), with CBDM's label_embedding if num_class > 0."""
     table: dict[str, tuple[int, ...]] = {"time_embedding.timembedding.0.weight": (steps, ch)}
     tdim = 4 * ch
 
@@ -275,7 +309,8 @@ def ddpm_layout(ch: int, ch_mult: tuple[int, ...], attn: tuple[int, ...], num_re
 
     add("time_embedding.timembedding.1", tdim, ch)
     add("time_embedding.timembedding.3", tdim, tdim)
-    table["label_embedding.weight"] = (num_class, tdim)
+    if num_class:
+        table["label_embedding.weight"] = (num_class, tdim)
     add("head", ch, 3, 3, 3)
     chs, now, i_down = [ch], ch, 0
     for level, mult in enumerate(ch_mult):
@@ -351,18 +386,24 @@ def ddpm_reference_forward(sd: dict[str, Tensor], x: Tensor, t: Tensor, y: Tenso
     return conv(F.silu(gn(h, "tail.0")), "tail.2")
 
 
-def test_pytorch_ddpm_checkpoint_maps_exactly_onto_ddpmunet(tmp_path: Path) -> None:
-    # ch 128 so that GroupNorm(32) of pytorch-ddpm and EDM's min(32, C/4) groups agree.
-    ch, ch_mult, attn, blocks, classes, steps = 128, (1, 2), (1,), 1, 3, 1000
-    generator = torch.Generator().manual_seed(0)
+def ddpm_checkpoint(path: Path, ch: int, ch_mult: tuple[int, ...], attn: tuple[int, ...], num_res_blocks: int,
+                    num_class: int, steps: int = 1000, seed: int = 0) -> dict[str, Tensor]:
+    """Write a pytorch-ddpm ``ckpt.pt`` of random weights in the original layout; return its ``ema_model``."""
+    generator = torch.Generator().manual_seed(seed)
     sd = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in
-          ddpm_layout(ch, ch_mult, attn, blocks, classes, steps).items()}
+          ddpm_layout(ch, ch_mult, attn, num_res_blocks, num_class, steps).items()}
     freqs = torch.exp(-torch.arange(0, ch, 2) / ch * math.log(10000))
     angles = torch.arange(steps).float()[:, None] * freqs
     sd["time_embedding.timembedding.0.weight"] = torch.stack([angles.sin(), angles.cos()], -1).reshape(steps, ch)
     raw = {k: v + 1 for k, v in sd.items()}
-    torch.save({"net_model": raw, "ema_model": sd, "step": 200_000, "x_T": torch.zeros(1)}, tmp_path / "ckpt.pt")
+    torch.save({"net_model": raw, "ema_model": sd, "step": 200_000, "x_T": torch.zeros(1)}, path)
+    return sd
 
+
+def test_pytorch_ddpm_checkpoint_maps_exactly_onto_ddpmunet(tmp_path: Path) -> None:
+    ch, ch_mult, attn, blocks, classes = 128, (1, 2), (1,), 1, 3
+    sd = ddpm_checkpoint(tmp_path / "ckpt.pt", ch, ch_mult, attn, blocks, classes)
+    generator = torch.Generator().manual_seed(1)
     net = DDPMUNet(8, 3, 3, model_channels=ch, channel_mult=ch_mult, attn_resolutions=(4,), num_blocks=blocks,
                    label_dim=classes).eval()
     report = load_unet_checkpoint(net, tmp_path / "ckpt.pt")
@@ -373,11 +414,51 @@ def test_pytorch_ddpm_checkpoint_maps_exactly_onto_ddpmunet(tmp_path: Path) -> N
         for labels in (y, None):
             ref = ddpm_reference_forward(sd, x, t, labels)
             assert torch.allclose(net(x, t.float(), labels), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
-    # The same net without the label embedding refuses the file and names the unexpected key.
+    # The same net without the label embedding refuses the file, names the unexpected key and the two fixes.
     plain = DDPMUNet(8, 3, 3, model_channels=ch, channel_mult=ch_mult, attn_resolutions=(4,), num_blocks=blocks)
-    with pytest.raises(UNetCheckpointError, match=r"unexpected in the file \(1\):\n    map_label.weight \(512, 3\)"):
+    with pytest.raises(UNetCheckpointError, match=r"unexpected in the file \(1\):\n    map_label.weight \(512, 3\)"
+                       r"(.|\n)*class-conditional \(3 classes(.|\n)*conditional: true(.|\n)*label_table: reuse"):
         load_unet_checkpoint(plain, tmp_path / "ckpt.pt")
+    load_unet_checkpoint(plain, tmp_path / "ckpt.pt", label_table="reuse")  # the label input dropped
+    with torch.no_grad():
+        ref = ddpm_reference_forward(sd, x, t, None)
+        assert torch.allclose(plain.eval()(x, t.float()), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
     deeper = DDPMUNet(8, 3, 3, model_channels=ch, channel_mult=ch_mult, attn_resolutions=(4,), num_blocks=2,
                       label_dim=classes)
     with pytest.raises(UNetCheckpointError, match="has 11 layers .* but the net has 15"):
         load_unet_checkpoint(deeper, tmp_path / "ckpt.pt")
+
+
+def test_ddpm_unet_has_pytorch_ddpms_32_groups_and_edms_rule_only_when_asked(tmp_path: Path) -> None:
+    # ch 64: pytorch-ddpm's GroupNorm(32) has 2 channels a group; EDM's min(32, C/4) would take 16 groups at 64.
+    ch, ch_mult, blocks = 64, (1, 2), 1
+    sd = ddpm_checkpoint(tmp_path / "ckpt.pt", ch, ch_mult, (1,), blocks, 0)
+    arch = dict(model_channels=ch, channel_mult=ch_mult, attn_resolutions=(4,), num_blocks=blocks)
+
+    def groups(net: torch.nn.Module) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        for m in net.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                out.setdefault(m.num_channels, set()).add(m.num_groups)
+        return out
+
+    net = DDPMUNet(8, 3, 3, **arch).eval()
+    assert groups(net) == {c: {32} for c in (64, 128, 192, 256)}  # widths 64, 128 and the concatenations
+    load_unet_checkpoint(net, tmp_path / "ckpt.pt")
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 917])
+    with torch.no_grad():
+        ref = ddpm_reference_forward(sd, x, t, None)  # GroupNorm(32) written out
+        assert torch.allclose(net(x, t.float()), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+    # The option gives EDM's rule, another function of the same weights, so the loader refuses the file for it.
+    edm_rule = DDPMUNet(8, 3, 3, min_channels_per_group=4, **arch).eval()
+    assert groups(edm_rule) == {64: {16}, 128: {32}, 192: {32}, 256: {32}}
+    with pytest.raises(UNetCheckpointError, match="ckpt.pt is a pytorch-ddpm .* 64 channels in 16 groups.*"
+                                                  "min_channels_per_group 1"):
+        load_unet_checkpoint(edm_rule, tmp_path / "ckpt.pt")
+    edm_rule.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(edm_rule(x, t.float()), ref, rtol=1e-2, atol=1e-2 * ref.abs().max())
+    # EDM's nets keep their rule; a DDPM width that GroupNorm(32) cannot split asks for the option.
+    assert groups(SongUNet(8, 3, 3, **arch))[64] == {16}
+    with pytest.raises(ValueError, match="48 channels do not split into .* 32 groups.*min_channels_per_group: 4"):
+        DDPMUNet(8, 3, 3, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())

@@ -223,18 +223,21 @@ class EDM:
 
     def training_losses(self, net: Callable[..., Tensor], x0: Tensor, class_labels: Tensor | None = None,
                         augment_labels: Tensor | None = None, sigma: Tensor | None = None,
-                        noise: Tensor | None = None) -> dict[str, Tensor]:
-        """EDM loss per sample: mean over pixels of λ(σ) (D(y + σn; σ) - y)² (spec 2.2).
+                        noise: Tensor | None = None, reduction: str = "mean") -> dict[str, Tensor]:
+        """EDM loss per sample: λ(σ) (D(y + σn; σ) - y)² reduced over pixels (spec 2.2).
 
         Args:
             net: as for :meth:`denoise`. x0: clean (possibly augmented) images y [B, C, ...].
             sigma: [B] noise levels; drawn from the precond's training law when None.
             noise: n ~ N(0, I) [B, C, ...]; drawn when None. (Both use torch's global RNG.)
+            reduction: over the pixels of a sample: ``mean`` or ``sum`` (EDM's and Diff-Instruct's code: C·H·W
+                times the mean, which under Adam is not the same optimisation, as eps is not scaled with it).
 
         Returns:
-            ``loss`` [B] (the per-pixel mean; EDM sums over pixels, a constant factor C·H·W that Adam ignores),
-            ``sigma`` [B], ``weight`` [B] and ``denoised`` [B, C, ...].
+            ``loss`` [B], ``sigma`` [B], ``weight`` [B] and ``denoised`` [B, C, ...].
         """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if sigma is None:
             sigma = self.precond.sample_sigma(x0.shape[0], x0.device)
         if noise is None:
@@ -244,7 +247,8 @@ class EDM:
                                 augment_labels)
         weight = self.precond.loss_weight(sigma)
         err = (denoised - x0.to(torch.float32)) ** 2
-        loss = weight * err.mean(dim=tuple(range(1, x0.ndim)))
+        pixels = tuple(range(1, x0.ndim))
+        loss = weight * (err.sum(dim=pixels) if reduction == "sum" else err.mean(dim=pixels))
         return {"loss": loss, "sigma": sigma, "weight": weight, "denoised": denoised}
 
     # ---------------------------------------------------------------------------------- sampling

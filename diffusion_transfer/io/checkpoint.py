@@ -18,7 +18,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-__all__ = ["CKPT_FIX", "CheckpointError", "check_fits", "one_line_reason", "safe_torch_load", "unreadable_message"]
+__all__ = ["CKPT_FIX", "GROUP_NORMS_KEY", "CheckpointError", "check_fits", "check_group_norms", "group_norm_layout",
+           "one_line_reason", "safe_torch_load", "unreadable_message"]
 
 
 class CheckpointError(RuntimeError):
@@ -217,3 +218,51 @@ def check_fits(module: nn.Module, state: Mapping[str, Any], *, strict: bool = Tr
     raise CheckpointError(f"{file or 'the checkpoint'}: its weights do not fit the {type(module).__name__} built "
                           f"here: {', '.join(parts)}; build the model with the checkpoint's hyper-parameters (leave "
                           "out the options that change its architecture), or pass the checkpoint of this model")
+
+
+#: Top-level key of our ``.ckpt`` files: {module name: group count} of the U-Net GroupNorms. No state dict holds a
+#: group count, so a file of another rule would load strictly and silently compute another function.
+GROUP_NORMS_KEY = "unet_group_norms"
+
+
+def _net_relative(name: str) -> str:
+    """A module name without the wrappers' prefixes (``net.``, ``unet.``), so that a file's names and a bare net's
+    compare."""
+    for prefix in ("net.", "unet."):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def group_norm_layout(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name: (channels, groups)} of every ``nn.GroupNorm`` under ``module`` (names as ``named_modules``)."""
+    return {name: (m.num_channels, m.num_groups) for name, m in module.named_modules() if isinstance(m, nn.GroupNorm)}
+
+
+def check_group_norms(current: Mapping[str, tuple[int, int]], stored: Mapping[str, int] | None,
+                      file: str | os.PathLike[str] | None) -> None:
+    """Refuse a checkpoint whose U-Net GroupNorms had other group counts than the model's.
+
+    Args:
+        current: the model's U-Net GroupNorms, ``{name: (channels, groups)}`` (:func:`group_norm_layout`).
+        stored: the file's ``GROUP_NORMS_KEY`` record ``{name: groups}``; None for a file saved before the record
+            existed, when every U-Net GroupNorm had min(32, C // 4) groups (EDM's rule), which is then checked.
+        file: named in the error.
+
+    Raises:
+        CheckpointError: one line: the first differing GroupNorm and the ``min_channels_per_group`` that rebuilds
+            the file's rule.
+    """
+    expected = ({_net_relative(k): int(v) for k, v in stored.items()} if stored is not None
+                else {_net_relative(k): min(32, c // 4) for k, (c, _) in current.items()})
+    wrong = [(k, c, g, expected[_net_relative(k)]) for k, (c, g) in current.items()
+             if _net_relative(k) in expected and expected[_net_relative(k)] != g]
+    if not wrong:
+        return
+    name, channels, groups, theirs = wrong[0]
+    rule = next((m for m in (1, 4) if min(32, channels // m) == theirs), None)
+    fix = (f"set model.init_args.arch_overrides.min_channels_per_group: {rule}" if rule is not None
+           else "build the model with the checkpoint's GroupNorm groups")
+    when = "" if stored is not None else " (a file saved before group counts were recorded: EDM's min(32, C/4) rule)"
+    raise CheckpointError(f"{file or 'the checkpoint'}: its U-Net normalises {name} ({channels} channels) in {theirs} "
+                          f"groups{when}, this model in {groups} ({len(wrong)} GroupNorms differ), so its weights "
+                          f"would compute another function; {fix}")

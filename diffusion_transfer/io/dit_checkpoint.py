@@ -3,9 +3,12 @@
 Spec: ``papers/dit.md`` 4.1-4.2 and 6 ("checkpoint loading"). Accepted files:
 
 * a flat state dict (the released ``DiT-XL-2-256x256.pt`` / ``DiT-XL-2-512x512.pt``);
-* a training checkpoint dict holding ``ema`` (preferred) and/or ``model`` state dicts (DiT's ``train.py``).
+* a training checkpoint dict holding ``ema`` (preferred) and/or ``model`` state dicts (DiT's and FineDiffusion's
+  ``train.py``: ``{"model", "ema", "opt", "args"}``, ``args`` an ``argparse.Namespace``).
 
-Files are read with ``torch.load(..., weights_only=True)``, which never runs code embedded in the pickle.
+Files are read with ``torch.load(..., weights_only=True)``, which never runs code embedded in the pickle. Besides
+tensors and plain containers it builds only :data:`TRAINING_ARGS_GLOBALS` (``argparse.Namespace``), as data: any
+other global (e.g. ``os.system``) is refused with a one-line error.
 Weights are never downloaded: a missing file raises an error saying where to get it and where to put it.
 
 This module sits at the bottom of the layer stack: it takes the model as a plain ``nn.Module`` and does not
@@ -14,6 +17,8 @@ import ``diffusion_transfer.nets`` (nor Lightning).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import fnmatch
 import math
 import os
@@ -31,6 +36,7 @@ from .peft_checkpoint import PEFT_KEY
 
 __all__ = [
     "DIT_RELEASE_URL",
+    "TRAINING_ARGS_GLOBALS",
     "DiTCheckpointError",
     "LoadReport",
     "infer_dit_config",
@@ -45,6 +51,10 @@ _OFFICIAL_FILES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 _SHOW = 5
 _LABEL_TABLE = "y_embedder.embedding_table.weight"
 _SUPERCLASS_MAP = "y_embedder.class_to_super"  # FineDiffusion's tiered table: one superclass per class
+#: Globals a DiT file may name besides tensors and containers: the ``args`` of DiT's / FineDiffusion's ``train.py``.
+#: Data only: the restricted unpickler makes a Namespace with ``object.__new__`` and fills its ``__dict__`` (it has no
+#: ``__setstate__`` and its ``__init__`` only sets attributes), so no code of the file runs.
+TRAINING_ARGS_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 # What infer_dit_config reads that must agree for a checkpoint to fit up to the data's size and label space.
 _ARCHITECTURE = ("depth", "hidden_size", "patch_size", "learn_sigma")
 
@@ -94,9 +104,10 @@ def read_dit_state_dict(
         prefer: for training checkpoints holding both, load ``"ema"`` (default, as DiT's ``find_model``) or
             ``"model"``.
         map_location: where tensors land.
-        trusted_globals: extra Python classes allowed in the pickle (``torch.serialization.safe_globals``),
-            e.g. ``[argparse.Namespace]`` for DiT ``train.py`` checkpoints, which store their ``args``. Only
-            for files you trust; nothing outside this list (and plain tensors/containers) can be unpickled.
+        trusted_globals: Python classes allowed in the pickle (``torch.serialization.safe_globals``) besides
+            :data:`TRAINING_ARGS_GLOBALS` (``argparse.Namespace``, always allowed: DiT / FineDiffusion ``train.py``
+            checkpoints store their ``args`` as one). Only for files you trust; nothing outside these (and plain
+            tensors/containers) can be unpickled.
 
     Returns:
         (state dict {key: Tensor}, source) with source ``"state_dict"``, ``"ema"``, ``"model"`` or
@@ -104,8 +115,8 @@ def read_dit_state_dict(
 
     Raises:
         FileNotFoundError: the file does not exist; says where to get the official weights.
-        DiTCheckpointError: the file is truncated or corrupt, the pickle holds objects ``weights_only`` refuses,
-            or no state dict is found (one line each).
+        DiTCheckpointError: the file is truncated or corrupt, the pickle names a global other than a Namespace
+            (e.g. ``os.system``: refused, never run), or no state dict is found (one line each).
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
@@ -113,11 +124,11 @@ def read_dit_state_dict(
     fix = f"get the file again (official weights: {DIT_RELEASE_URL}) or pass another checkpoint"
     obj = safe_torch_load(
         file, what="a DiT checkpoint", error=DiTCheckpointError, map_location=map_location,
-        trusted_globals=trusted_globals, missing=_missing_file_message(file), fix=fix,
-        # The message names the refused class (e.g. "GLOBAL argparse.Namespace"); add the way forward.
-        refused_fix=f"{fix}; a training checkpoint of DiT's train.py stores an argparse.Namespace under 'args': if "
-                    "that is the refused global and you trust the file, allow it with "
-                    "trusted_globals=[argparse.Namespace]",
+        trusted_globals=(*TRAINING_ARGS_GLOBALS, *trusted_globals), missing=_missing_file_message(file), fix=fix,
+        # The message names the refused global (e.g. "GLOBAL os.system"); add what is read and the way forward.
+        refused_fix=f"{fix}; a DiT file may hold tensors, plain containers and the argparse.Namespace of a "
+                    "train.py checkpoint, nothing else: if you trust the file and the refused class is plain data, "
+                    "allow it in Python with trusted_globals=[that class]",
     )
 
     if isinstance(obj, Mapping) and PEFT_KEY in obj:
@@ -194,14 +205,32 @@ def _describe(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items()) or "unknown layout"
 
 
-def dit_label_layouts(model: nn.Module, theirs: Mapping[str, Tensor]) -> tuple[LabelLayout, LabelLayout] | None:
-    """The (file, model) layouts of a DiT label table (:class:`~.label_table.LabelLayout`), or None without tables.
+def dit_label_layouts(model: nn.Module, theirs: Mapping[str, Tensor],
+                      tiered: bool | None = None) -> tuple[LabelLayout, LabelLayout, str] | None:
+    """The (file, model) layouts of a DiT label table (:class:`~.label_table.LabelLayout`) and how the file's was read.
 
     The model's comes from its embedder (``num_classes``, FineDiffusion's ``num_superclasses``; the rest is the null
-    row). A file holds only the table, so its null row is assumed as the model's: a flat table of 21 rows is 20
-    classes + null for a model with a null row (DiT trained with class dropout, the usual case) and for a tiered
-    model; a file with FineDiffusion's superclass map is tiered, of the model's layout when it has its shape, else
-    read as its classes followed by rows that are never reused.
+    row). A file holds only the table (and, from our FineDiffusion, its superclass map), so its layout is inferred:
+
+    * with a superclass map: tiered, of the model's layout when it has its shape, else read as its classes followed
+      by rows that are never reused;
+    * without one, under a tiered model (S superclass rows) whose shape it has exactly (N + S [+ ∅] rows): the
+      model's tiered layout when S >= 2 or ``tiered`` is True (an original FineDiffusion ``train.py`` checkpoint,
+      which stores no map). With S = 1 the shape is also a flat DiT table's (N classes + ∅), so it is read as flat
+      unless ``tiered``;
+    * otherwise flat, with the model's null row: 21 rows are 20 classes + ∅ for a model with a null row (DiT trained
+      with class dropout, the usual case) and for a tiered model.
+
+    Args:
+        tiered: None (the rule above), True (a map-less file must be a tiered table of the model's layout:
+            FineDiffusion's ``label_table: tiered``), False (a map-less file is always a flat table).
+
+    Returns:
+        (file layout, model layout, note): the note says in one sentence how a map-less table of the tiered shape
+        was read ("" otherwise); None when the model or the file has no table.
+
+    Raises:
+        ValueError: ``tiered`` with a model that has no superclass rows, or a map-less file of another shape.
     """
     target = model.state_dict()
     if _LABEL_TABLE not in target or _LABEL_TABLE not in theirs:
@@ -211,13 +240,33 @@ def dit_label_layouts(model: nn.Module, theirs: Mapping[str, Tensor]) -> tuple[L
     classes = int(getattr(embedder, "num_classes", rows - 1))
     extra = int(getattr(embedder, "num_superclasses", 0))
     ours = LabelLayout(classes, extra, null=rows - classes - extra == 1)
+    shape = f"{ours.describe()}{' + a null row' if ours.null else ''} = {rows} rows"
+    if tiered and not extra:
+        raise ValueError(f"label_table tiered reads the file's class table as a tiered one, but this model's table is "
+                         f"flat ({shape}); build the tiered model (tiered: true) or choose strict, reuse or reinit")
     supers = theirs.get(_SUPERCLASS_MAP)
-    if supers is not None:  # a tiered table (a FineDiffusion checkpoint)
+    if supers is not None:  # a tiered table with its map (our FineDiffusion checkpoints)
         n = supers.numel()
         same = file_rows == rows and n == classes and extra > 0
-        return (ours if same else LabelLayout(n, max(file_rows - n, 0))), ours
+        return (ours if same else LabelLayout(n, max(file_rows - n, 0))), ours, ""
+    if extra and file_rows == rows and tiered is not False and (tiered or extra >= 2):
+        why = "label_table tiered is set" if tiered else f"the hierarchy has {extra} superclasses"
+        return ours, ours, (f"the file's class table has no superclass map but exactly this tiered shape ({shape}) "
+                            f"and {why}, so it is read as this tiered table (an original "
+                            "FineDiffusion checkpoint): rows 0..N-1 the classes, then the superclass rows in the "
+                            "order of this model's superclass ids")
+    if tiered:
+        raise ValueError(f"label_table tiered reads the file's class table as this tiered one ({shape}), but it has "
+                         f"{file_rows} rows; build the model for the file's classes and superclasses, or choose "
+                         "reuse or reinit")
     null = ours.null or extra > 0  # a flat file under a tiered model: a DiT's table, with its null row
-    return LabelLayout(max(file_rows - int(null), 0), 0, null), ours
+    flat = LabelLayout(max(file_rows - int(null), 0), 0, null)
+    note = ""
+    if extra == 1 and file_rows == rows and tiered is None:
+        note = (f"the file's class table has this tiered table's shape ({shape}) but no superclass map, and with "
+                f"one superclass that is also a flat DiT table's ({flat.describe()} + a null row), so it is read as "
+                "flat; set label_table tiered if it is a FineDiffusion table")
+    return flat, ours, note
 
 
 def dit_space(state: Mapping[str, Tensor], labels: LabelLayout | None) -> NetSpace:
@@ -227,18 +276,21 @@ def dit_space(state: Mapping[str, Tensor], labels: LabelLayout | None) -> NetSpa
 
 
 def _fit_dit_labels(model: nn.Module, loaded: Mapping[str, Tensor], state: dict[str, Tensor], policy: LabelPolicy,
-                    file: Path) -> LabelTableFit | None:
+                    file: Path, tiered: bool | None = None) -> LabelTableFit | None:
     """Check the file against the model's data (one-line error) and fit its label table into ``state`` in place.
 
     Only when the architectures agree: otherwise the key listing of :func:`load_dit_checkpoint` says more.
+    ``tiered``: how a table without superclass map is read (:func:`dit_label_layouts`).
     """
     target = model.state_dict()
-    # The superclass map tells a tiered file even when the caller drops it (FineDiffusion never reads it).
-    layouts = dit_label_layouts(model, loaded) if _LABEL_TABLE in state else None
     file_cfg, model_cfg = infer_dit_config(loaded), infer_dit_config(target)
     if any(file_cfg.get(k) != model_cfg.get(k) for k in _ARCHITECTURE):
         return None
-    theirs, ours = layouts if layouts is not None else (None, None)
+    try:  # the superclass map tells a tiered file even when the caller drops it (FineDiffusion never reads it)
+        layouts = dit_label_layouts(model, loaded, tiered) if _LABEL_TABLE in state else None
+    except ValueError as err:
+        raise DiTCheckpointError(f"{file}: {err}") from None
+    theirs, ours, note = layouts if layouts is not None else (None, None, "")
     rule = policy(theirs, ours) if callable(policy) and layouts is not None else policy
     rule = rule if isinstance(rule, str) else "strict"
     message = space_mismatch(file, dit_space(loaded, theirs), dit_space(target, ours), rule)
@@ -248,7 +300,7 @@ def _fit_dit_labels(model: nn.Module, loaded: Mapping[str, Tensor], state: dict[
         return None
     table, fit = fit_label_table(_LABEL_TABLE, state[_LABEL_TABLE], target[_LABEL_TABLE], rule, theirs, ours)
     state[_LABEL_TABLE] = table
-    return fit
+    return dataclasses.replace(fit, note=note)
 
 
 def load_dit_checkpoint(
@@ -263,6 +315,7 @@ def load_dit_checkpoint(
     prefer: str = "ema",
     trusted_globals: Sequence[Any] = (),
     label_table: LabelPolicy = "strict",
+    tiered_table: bool | None = None,
 ) -> LoadReport:
     """Load a DiT checkpoint file into ``model`` (our ``DiT`` or anything with the same key layout).
 
@@ -284,10 +337,13 @@ def load_dit_checkpoint(
         label_table: ``strict`` (the file's label space must be the model's), ``reuse`` (its first class rows
             and its null row; new rows keep the model's init) or ``reinit`` (the model's fresh table), see
             :mod:`~diffusion_transfer.io.label_table`; or a rule ``(file layout, model layout) -> policy``.
+        tiered_table: how a table without superclass map (an original FineDiffusion checkpoint) meets a tiered
+            model: None reads one of the model's exact tiered shape as tiered when it has >= 2 superclasses, True
+            always (an error if the shape differs), False never (:func:`dit_label_layouts`).
 
     Returns:
         A :class:`LoadReport` with the tolerated missing/unexpected and the ignored keys, and how the label table
-        was fitted.
+        was fitted (its ``note`` says how a map-less table of the tiered shape was read).
 
     Raises:
         FileNotFoundError: no such file (the message says where to get the official weights).
@@ -303,7 +359,7 @@ def load_dit_checkpoint(
     ignored = sorted(k for k, v in loaded.items() if _matches(k, ignore) or (
         _matches(k, if_mismatched) and (k not in target or tuple(v.shape) != tuple(target[k].shape))))
     state = {k: v for k, v in loaded.items() if k not in set(ignored)}
-    fit = _fit_dit_labels(model, loaded, state, label_table, file)
+    fit = _fit_dit_labels(model, loaded, state, label_table, file, tiered_table)
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     mismatched = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]

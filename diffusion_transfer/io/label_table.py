@@ -104,6 +104,7 @@ class LabelTableFit:
     model: LabelLayout | None  # None: the model has no label input
     kept: int  # entries copied from the file
     fresh: int  # entries left at the model's initialisation: they must train (or the classes are never learned)
+    note: str = ""  # how the loader read a table whose layout the file does not say (one sentence; "" if none)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,12 @@ def space_mismatch(file: str | os.PathLike[str], theirs: NetSpace, ours: NetSpac
     if labels:
         fixes.append("set --model.init_args.label_table reuse (keep the checkpoint's entries of the first classes and "
                      "its null row) or reinit (a new table)")
+        mine, file_labels = ours.labels, theirs.labels
+        # A tiered table of one superclass has a flat DiT table's shape (N classes + ∅): only the user can tell.
+        if mine is not None and file_labels is not None and mine.extra and not file_labels.extra \
+                and file_labels.size == mine.size:
+            fixes[-1] += (", or tiered if the file holds a tiered table of this layout without its superclass map "
+                          "(an original FineDiffusion checkpoint)")
     return (f"{file}: the checkpoint is for {theirs.describe()}, this model for {ours.describe()}; "
             f"{'; and '.join(fixes)}")
 

@@ -4,7 +4,8 @@ Accepted files (nothing is ever downloaded, nothing in them is executed):
 
 * an official EDM network pickle (``*.pkl``), read by :func:`diffusion_transfer.io.edm_pickle.read_edm_pickle`;
 * a checkpoint of pytorch-ddpm / CBDM / T2H (``ckpt_{step}.pt``: ``net_model`` and ``ema_model`` state dicts,
-  longtail.md 4), whose names are mapped exactly onto our ``DDPMUNet`` by :func:`ddpm_to_unet_state_dict`;
+  longtail.md 4), whose names are mapped exactly onto our ``DDPMUNet`` by :func:`ddpm_to_unet_state_dict`
+  (class-conditional, with ``label_embedding``, or unconditional, without: a net with ``label_dim=0``);
 * a diffusion_transfer ``.ckpt`` (its ``net.`` weights, the EMA ones when trained with TrainableEMA) or a plain
   state dict ``.pt``.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, safe_torch_load
+from .checkpoint import GROUP_NORMS_KEY, CheckpointError, check_group_norms, group_norm_layout, safe_torch_load
 from .dit_checkpoint import LoadReport, _fmt_shape, _is_state_dict, _listing
 from .edm_pickle import EDM_RELEASE_URL, EDMNetwork, read_edm_pickle
 from .label_table import (
@@ -98,22 +99,28 @@ def read_unet_state_dict(path: str | os.PathLike[str], prefer: str = "ema",
         (still in pytorch-ddpm names), ``"lightning"`` or ``"state_dict"``; network is the
         :class:`~diffusion_transfer.io.edm_pickle.EDMNetwork` of a pickle, else None.
     """
-    file = Path(path).expanduser()
+    state, source, network, _ = _read_unet(Path(path).expanduser(), prefer, entry)
+    return state, source, network
+
+
+def _read_unet(file: Path, prefer: str, entry: str
+               ) -> tuple[dict[str, Tensor], str, EDMNetwork | None, Mapping[str, int] | None]:
+    """:func:`read_unet_state_dict`, plus the GroupNorm record of one of our ``.ckpt`` files (None otherwise)."""
     if file.suffix == ".pkl":
         network = read_edm_pickle(file, entry=entry)
-        return network.state_dict, "edm-pickle", network
+        return network.state_dict, "edm-pickle", network, None
     obj = _torch_load(file)
     if _is_state_dict(obj):
         state = dict(obj)
-        return state, ("ddpm:state_dict" if "head.weight" in state else "state_dict"), None
+        return state, ("ddpm:state_dict" if "head.weight" in state else "state_dict"), None, None
     if isinstance(obj, Mapping):
         if _is_state_dict(obj.get("state_dict")):  # a diffusion_transfer (Lightning) checkpoint
             net = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
             if net:
-                return net, "lightning", None
+                return net, "lightning", None, obj.get(GROUP_NORMS_KEY)
         for key in DDPM_ENTRIES if prefer == "ema" else DDPM_ENTRIES[::-1]:
             if _is_state_dict(obj.get(key)):
-                return dict(obj[key]), f"ddpm:{key}", None
+                return dict(obj[key]), f"ddpm:{key}", None, None
     found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
     raise UNetCheckpointError(f"{file} holds no U-Net weights: expected a state dict, a diffusion_transfer .ckpt or "
                               f"a pytorch-ddpm checkpoint with {' / '.join(DDPM_ENTRIES)}, found {found}")
@@ -300,6 +307,34 @@ def _fit_unet_labels(net: nn.Module, state: dict[str, Tensor], policy: str, file
     return fit
 
 
+def _conditioning_hint(state: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> str:
+    """The fix when one of file and net is class-conditional and the other not ("" otherwise)."""
+    if (_LABEL_MAP in state) == (_LABEL_MAP in target):
+        return ""
+    if _LABEL_MAP in state:
+        classes = state[_LABEL_MAP].shape[1]
+        return (f"\nThe file is class-conditional ({classes} classes: {_LABEL_MAP} "
+                f"{_fmt_shape(state[_LABEL_MAP].shape)}) and the net is unconditional. Build the net conditional "
+                f"(LongTailDDPM / T2H: conditional: true; a U-Net: label_dim {classes}), or load the file without its "
+                "label input with label_table: reuse.")
+    classes = target[_LABEL_MAP].shape[1]
+    return (f"\nThe file is unconditional (no {_LABEL_MAP}) and the net is class-conditional ({classes} classes). "
+            "Build the net unconditional (LongTailDDPM / T2H: conditional: false, which keeps the labels for the "
+            "class counts and T2H's gate; other models: arch_overrides {label_dim: 0}), or give it a fresh label "
+            "input with label_table: reinit.")
+
+
+def _check_ddpm_groups(net: nn.Module, file: Path) -> None:
+    """pytorch-ddpm / CBDM / T2H nets normalise with GroupNorm(32) everywhere; the group count is in no state dict,
+    so a net built with another rule would load these weights without error and compute another function."""
+    other = sorted({f"{m.num_channels} channels in {m.num_groups} groups" for m in net.modules()
+                    if isinstance(m, nn.GroupNorm) and m.num_groups != 32})
+    if other:
+        raise UNetCheckpointError(f"{file} is a pytorch-ddpm / CBDM / T2H checkpoint, whose GroupNorms have 32 groups, "
+                                  f"but the net has {', '.join(other)}: build it with min_channels_per_group 1 "
+                                  "(DDPMUNet's default), not EDM's 4")
+
+
 def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer: str = "ema", entry: str = "ema",
                          label_table: str = "strict") -> UNetLoadReport:
     """Load a U-Net file (see the module docstring) into ``net`` in place, keys and shapes strictly equal.
@@ -319,10 +354,12 @@ def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer
         FileNotFoundError: no such file (the message says where official weights are published).
         CheckpointError: an unreadable or refused file (:class:`~diffusion_transfer.io.edm_pickle.EDMPickleError`);
             a file of the net's width made for data of another size or channels, or (``strict``) another number of
-            classes: one line with both and the fix; other keys/shapes that do not fit (:class:`UNetCheckpointError`).
+            classes: one line with both and the fix; other keys/shapes that do not fit, the fix naming the setting
+            when one of file and net is class-conditional and the other not; a pytorch-ddpm file for a net whose
+            GroupNorms do not have 32 groups (:class:`UNetCheckpointError`).
     """
     file = Path(path).expanduser()
-    state, source, network = read_unet_state_dict(file, prefer=prefer, entry=entry)
+    state, source, network, group_norms = _read_unet(file, prefer, entry)
     target = net.state_dict()
     if state and all(k.startswith("unet.") for k in state) and not any(k.startswith("unet.") for k in target):
         state = {k[len("unet."):]: v for k, v in state.items()}  # our .ckpt of a DiTCallUNet (U-Net Diffusion)
@@ -330,15 +367,18 @@ def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer
     if source.startswith("ddpm:"):
         state = ddpm_to_unet_state_dict(state, list(target), file)
         hint = ("What to do: this is a pytorch-ddpm / CBDM / T2H checkpoint; build a DDPMUNet with its settings "
-                "(build_unet('ddpm-cifar10', label_dim=num_class, augment_dim=9 if trained with --augm)).")
+                "(build_unet('ddpm-cifar10', label_dim=num_class or 0 for an unconditional file, augment_dim=9 if "
+                "trained with --augm)).")
     elif network is not None:
         hint = (f"The file holds {network.describe()}.\nWhat to do: build the net with those arguments "
                 "(edm-*-vp.pkl: build_unet('ddpmpp-cifar10', label_dim=...), edm-*-ve.pkl: 'ncsnpp-cifar10', "
                 "ImageNet-64: 'adm-imagenet64' with img_resolution=64, label_dim=1000).")
     fit = _fit_unet_labels(net, state, label_table, file, resolution_known=not source.startswith("ddpm:"))
-    if (_LABEL_MAP in state) != (_LABEL_MAP in target):
-        hint += ("\nOne net is class-conditional and the other not: to load it anyway, drop or add the label input "
-                 "with label_table reuse or reinit.")
+    hint += _conditioning_hint(state, target)
     check_state_dict(net, state, file, source, hint)
+    if source.startswith("ddpm:"):
+        _check_ddpm_groups(net, file)
+    elif source == "lightning":  # our .ckpt: its recorded group counts (or, older files, EDM's rule)
+        check_group_norms(group_norm_layout(net), group_norms, file)
     net.load_state_dict(state)
     return UNetLoadReport(path=str(file), source=source, network=network, label_table=fit)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..data.archive import DatasetError
 from ..data.seeds import assign_labels
 from ..errors import ConfigError
-from ..io.checkpoint import check_fits
+from ..io.checkpoint import GROUP_NORMS_KEY, check_fits, check_group_norms, group_norm_layout
 from ..io.label_table import LabelTableFit, check_label_policy
 from ..runtime import destroy_process_group_at_exit
 
@@ -157,7 +157,23 @@ class DiffusionLightningBase(L.LightningModule):
         check_fits(self, state_dict, strict=strict, file=trainer.ckpt_path if trainer is not None else None)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _unet_group_norms(self) -> dict[str, tuple[int, int]]:
+        """{name: (channels, groups)} of the GroupNorms inside this module's U-Nets (their rule is an option)."""
+        from ..nets.unet import UNet
+
+        return {f"{name}.{sub}": layout for name, m in self.named_modules() if isinstance(m, UNet)
+                for sub, layout in group_norm_layout(m).items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Group counts are in no state dict: record them, so a model built with another rule is refused on load.
+        layout = self._unet_group_norms()
+        if layout:
+            checkpoint[GROUP_NORMS_KEY] = {name: groups for name, (_, groups) in layout.items()}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        check_group_norms(self._unet_group_norms(), checkpoint.get(GROUP_NORMS_KEY),
+                          trainer.ckpt_path if trainer is not None else None)
         # Weights restored from one of our checkpoints supersede the initial ``checkpoint`` file: fitting a
         # module built by load_from_checkpoint must continue from them, not reload the pre-trained ones.
         self._pretrained_loaded = True

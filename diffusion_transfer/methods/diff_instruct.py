@@ -8,8 +8,8 @@ the teacher applied once at σ_init (spec 2.2), on z ~ N(0, I) of the image shap
 
 Each iteration (spec 2.3; ln σ ~ N(P_mean, P_std²) = N(-1.2, 1.2²), n ~ N(0, I), sg = stop-gradient):
 
-    A. x = sg(G_θ(z, c))                                          generator in eval mode
-       L_A = sgls · λ(σ) ‖D_φ(x + σn; σ, c) - x‖²                 the EDM loss (edm_loss)        Adam step on φ
+    A. x = sg(G_θ(z, c)),  (x', a) = augment(x)                   generator in eval mode
+       L_A = sgls · mean_batch Σ_pixels λ(σ) (D_φ(x' + σn; σ, c, a) - x')²    (edm_loss)           Adam step on φ
     B. x = G_θ(z', c),  x_t = sg(x) + σn                          generator in train mode
        L_B = ls · mean_batch Σ_pixels sg(D_φ(x_t; σ, c) - D_q(x_t; σ, c)) ⊙ x                       Adam step on θ
 
@@ -22,8 +22,11 @@ each step (EDMDiffusion's hook); both Adams have betas (0, 0.999). The EMA of th
 Only ``precond: edm`` is accepted (phase B's σ law must be LN(P_mean, P_std²), as in the paper's code). Under DDP the
 module switches on ``find_unused_parameters`` (each phase leaves the other network without a gradient).
 
-Departures: no AugmentPipe in phase A (the library has none; nets with ``augment_dim`` get no augment labels, the
-paper's p = 0.12 is off); label dropout is off in all three nets (the generator must always follow its label).
+Phase A sums over pixels as the original does (Adam's eps then meets the same gradient scale); ``augment`` is EDM's
+non-leaking augmentation (:class:`~diffusion_transfer.diffusion.augment.AugmentPipe`, p = 0.12 when the teacher has
+``augment_dim`` 9, spec 2.3 and 6), whose 9-d labels reach the fake score. Phase B passes no augment labels (= zeros).
+
+Departure: label dropout is off in all three nets (the generator must always follow its label).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ..callbacks.ema import TrainableEMA
+from ..diffusion.augment import AUGMENT_DIM, AugmentPipe
 from ..diffusion.edm import EDM, Denoiser, Precond, make_precond
 from ..errors import ConfigError
 from ..io.checkpoint import CKPT_FIX, CheckpointError, safe_torch_load
@@ -46,11 +50,13 @@ from ..io.label_table import LabelTableFit
 from ..io.unet_checkpoint import load_unet_checkpoint
 from ..nets.generator import DCGANGenerator
 from .base import _adamw, _seeded, _step_seed
-from .edm import EDMDiffusion, check_same_precond, edm_loss, precond_of
+from .edm import EDMDiffusion, check_same_precond, edm_loss
 
 ONE_STEP = "one-step"
 GENERATORS = ("teacher", "dcgan")
 SCORE_DROPOUT = ("shared", "eval")
+#: Phase A's augmentation probability with a teacher that has augment labels (the original's ``--augment``).
+AUGMENT_P = 0.12
 
 
 class OneStepGenerator(nn.Module):
@@ -140,6 +146,8 @@ class DiffInstruct(EDMDiffusion):
         ls / sgls: constant factors on the generator / fake-score losses (``--ls`` / ``--sgls``, 1).
         score_dropout: ``shared`` (both score nets in train mode, one dropout mask: the paper's) or ``eval``
             (dropout off in both: a deviation).
+        augment_p: EDM's augmentation of the generator samples in phase A (fed to the fake score's augment input).
+            None (default): 0.12 when the teacher net has ``augment_dim`` 9 (the paper's), else off; 0: off.
         sampler: ``one-step`` (the generator), or ``heun`` / ``euler``: the teacher's EDM sampler with
             ``sample_steps`` (18 = 35 evaluations) and the other :class:`EDMDiffusion` sampling options.
         **kwargs: :class:`EDMDiffusion` arguments (``precond``, ``sigma_data``, ``P_mean``, ``P_std``, the sampling
@@ -161,6 +169,7 @@ class DiffInstruct(EDMDiffusion):
         ls: float = 1.0,
         sgls: float = 1.0,
         score_dropout: str = "shared",
+        augment_p: float | None = None,
         sampler: str = ONE_STEP,
         sample_steps: int = 18,
         **kwargs: Any,
@@ -184,7 +193,9 @@ class DiffInstruct(EDMDiffusion):
         if not init_sigma > 0:
             raise ConfigError(f"init_sigma must be positive, got {init_sigma}")
         super().__init__(arch, arch_overrides, checkpoint, sampler="heun" if sampler == ONE_STEP else sampler,
-                         sample_steps=sample_steps, **kwargs)
+                         sample_steps=sample_steps, augment_p=0.0 if augment_p is None else augment_p, **kwargs)
+        if augment_p is None and getattr(self.net, "augment_dim", 0) == AUGMENT_DIM:
+            self.augment_pipe = AugmentPipe(AUGMENT_P)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.net.requires_grad_(False)  # the teacher D_q (each use sets its mode)
@@ -222,7 +233,7 @@ class DiffInstruct(EDMDiffusion):
             raise CheckpointError(f"{path} is a DDPM (ε-prediction) U-Net, not an EDM denoiser. {fix}")
         resolution = None
         if report.network is not None:
-            check_same_precond(precond_of(report.network), self.process.precond, path)
+            check_same_precond(report.network, self.process.precond, path)
             resolution = report.network.model_kwargs.get("img_resolution")
         elif report.source == "lightning":
             hparams = safe_torch_load(path, what="a checkpoint", fix=CKPT_FIX, mmap=True).get("hyper_parameters", {})
@@ -230,8 +241,9 @@ class DiffInstruct(EDMDiffusion):
                 raise CheckpointError(f"{path} is not a checkpoint of an EDM denoiser (no precond in its "
                                       f"hyper-parameters). {fix}")
             edm_constants = {k: hparams[k] for k in ("sigma_data", "P_mean", "P_std") if k in hparams}
-            check_same_precond(make_precond(hparams["precond"], **(edm_constants if hparams["precond"] == "edm"
-                                                                   else {})), self.process.precond, path)
+            constants = {**(edm_constants if hparams["precond"] == "edm" else {}),
+                         **(hparams.get("precond_kwargs") or {})}
+            check_same_precond(make_precond(hparams["precond"], **constants), self.process.precond, path)
             resolution = hparams.get("resolution")
         elif report.source == "state_dict":
             rank_zero_warn(f"DiffInstruct: {path} is a bare state dict, so neither its preconditioning (this model "
@@ -326,6 +338,7 @@ class DiffInstruct(EDMDiffusion):
                                   "EDMDiffusion .ckpt (e.g. from configs/edm/shapes.yaml) or an official edm-*.pkl")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["init_sigma"] = self.init_sigma
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -346,11 +359,14 @@ class DiffInstruct(EDMDiffusion):
         return torch.randn(n, *self.generator.latent_shape, device=self.device)
 
     def fake_score_loss(self, labels: Tensor | None, n: int) -> Tensor:
-        """Phase A: sgls times the EDM loss of D_φ on n fresh generator samples (eval mode, no graph)."""
+        """Phase A: sgls times the EDM loss of D_φ on n fresh generator samples (eval mode, no graph), augmented
+        with ``augment_p``, summed over pixels and averaged over the batch (spec 2.3 A.5)."""
         with torch.no_grad(), _modes((self.generator, False)):
             x = self.generator(self.draw_latent(n), labels)
+        x, augment_labels = self.augment(x)
         with _modes((self.fake_score, True)):
-            return self.sgls * edm_loss(self.fake_score, self.process, x, labels)["loss"]
+            return self.sgls * edm_loss(self.fake_score, self.process, x, labels, augment_labels,
+                                        reduction="sum")["loss"]
 
     def generator_loss(self, labels: Tensor | None, n: int) -> Tensor:
         """Phase B: the IKL surrogate on n fresh generator samples (train mode, with their graph)."""

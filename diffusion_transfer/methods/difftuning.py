@@ -108,6 +108,9 @@ class DiffTuning(Diffusion):
             ``finediffusion``, γ in blocks 0..``difffit_depth``-1 for ``difffit``), at the identity, so the
             official checkpoint still loads.
         difffit_depth: blocks with DiffFit's γ under ``trainable: difffit`` (Diff-Tuning's ``--difffit``: 14).
+        difffit_scales: γ vectors in each of those blocks: 4 (default, Diff-Tuning's code: the attention's qkv
+            [3D] and output [D], and the attention and MLP branches [D] each) or 2 (the DiffFit paper's branches
+            only, FineDiffusion's DiffFit baseline). All start at 1, so the loaded model is unchanged.
         label_table: ``reuse`` (default, the paper's rule, spec §4): classes 0..N-1 of the new data take the
             pre-trained rows 0..N-1 (kept, not re-initialised) and the null row stays the pre-trained one, so CFG and
             the null-labelled replay rows keep the pre-trained unconditional embedding; with more classes than the
@@ -128,12 +131,13 @@ class DiffTuning(Diffusion):
         replay_xflip: bool = True,
         trainable: str | list[str] = "all",
         difffit_depth: int = 14,
+        difffit_scales: int = 4,
         label_table: str = "reuse",
         **kwargs: Any,
     ) -> None:
         # A plain string before the base saves hyper-parameters, so checkpoints load with weights_only=True.
         replay_bank = None if replay_bank is None else os.fspath(replay_bank)
-        arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None))
+        arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None), difffit_scales)
         super().__init__(arch_overrides=arch, label_table=label_table, **kwargs)
         if t_law not in T_LAWS:
             raise ConfigError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")

@@ -15,6 +15,11 @@ Baselines of the paper through the same class: ``peft: full | bitfit | difffit``
 flat table with its ∅ row, fresh, and classifier-free guidance). DiffFit trains at lr 1e-3 (10x, spec §6) unless
 an optimizer is given. Checkpoints of a PEFT run hold only the trained tensors plus a reference to the base
 weights (``methods/peft.py``, ``io/peft_checkpoint.py``).
+
+A released FineDiffusion checkpoint (the original ``train.py``'s ``{"model", "ema", "opt", "args"}``, ``args`` an
+``argparse.Namespace`` read as data only) is imported as ``checkpoint``: its EMA weights (``checkpoint_part``), and
+its class table kept as this tiered table (the file has no superclass map: see ``label_table``). π must then follow
+the release's superclass order (iNat21: spec §2.3).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ from .diffusion import Diffusion
 from .peft import BaseReferencedCheckpoint
 
 GUIDANCE = ("superclass", "cfg")
+#: ``label_table`` values: the shared policies, and ``tiered`` (a map-less file's table is this tiered table).
+LABEL_TABLES = ("strict", "reuse", "reinit", "tiered")
+#: ``checkpoint_part``: which state dict of a training checkpoint ``{"model", "ema", ...}`` is the base.
+CHECKPOINT_PARTS = ("ema", "model")
 #: AdamW learning rate when no optimizer is given: DiT's 1e-4 (spec §2.5), DiffFit's 10x (spec §2.6, §6).
 DEFAULT_LR = 1e-4
 PRESET_LR = {"difffit": 1e-3}
@@ -54,8 +63,9 @@ _NO_HIERARCHY = ("FineDiffusion needs a class -> superclass map, and neither the
 def _paper_rule(file: LabelLayout, model: LabelLayout) -> str:
     """FineDiffusion's default ``label_table``: a fresh table (paper §2.1), but a tiered table of this layout is kept.
 
-    A flat table never is, even of the tiered shape (N classes + ∅ = N + 1 superclass row): only a file with a
-    superclass map holds a tiered table (:func:`~diffusion_transfer.io.dit_checkpoint.dit_label_layouts`).
+    The file is tiered when it has a superclass map (ours), or no map but exactly this tiered shape with >= 2
+    superclasses (an original checkpoint). With one superclass, the tiered shape N + 1 is also a flat DiT table's
+    (N classes + ∅), which is never kept (:func:`~diffusion_transfer.io.dit_checkpoint.dit_label_layouts`).
     """
     return "strict" if model.extra and file == model else "reinit"
 
@@ -100,11 +110,16 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
             (:data:`PRESET_LR`: 1e-3 for ``difffit``, else :data:`DEFAULT_LR` 1e-4). A given optimizer keeps its
             own lr whatever the preset.
         label_table: None (default, the paper's rule): the class table starts fresh, N(0, 0.02²), except a tiered
-            table of exactly this layout (a file with a superclass map and this shape, e.g. a FineDiffusion
-            checkpoint imported as base), which is kept. ``reinit`` always starts fresh; ``reuse`` takes the file's
-            first class rows (and its null row when ``null_dropout_prob > 0``), superclass rows fresh unless the
-            file is tiered with this layout; ``strict`` requires a tiered file of this layout. See
+            table of exactly this layout, which is kept: a file with a superclass map and this shape (ours), or
+            one without a map (an original ``train.py`` checkpoint) of exactly N + S [+ ∅] rows when S >= 2; the
+            load logs what it decided. ``tiered``: a map-less file's table is this tiered table whatever S (needed
+            for S = 1, where N + 1 rows also fit a flat DiT table; an error if the shape differs). ``reinit``
+            always starts fresh; ``reuse`` takes the file's first class rows (and its null row when
+            ``null_dropout_prob > 0``), superclass rows fresh unless the file is tiered with this layout;
+            ``strict`` requires a tiered file of this layout. See
             :class:`~diffusion_transfer.methods.base.DiffusionLightningBase`.
+        checkpoint_part: ``ema`` (default, as the original ``sample.py``) or ``model``: which state dict of a
+            training checkpoint ``{"model", "ema", "opt", "args"}`` given as ``checkpoint`` is loaded.
         **kwargs: :class:`Diffusion` arguments; ``arch`` must be a DiT. ``checkpoint`` is the base DiT: its
             label table is fitted under ``label_table``, its superclass map is never read, and the LN affine / γ
             it lacks start at the identity. ``class_dropout_prob`` is the tiered dropout.
@@ -123,20 +138,33 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         arch_overrides: dict[str, Any] | None = None,
         optimizer: OptimizerCallable | None = None,
         label_table: str | None = None,
+        checkpoint_part: str = "ema",
         **kwargs: Any,
     ) -> None:
         arch = kwargs.get("arch")
         if arch is not None and not str(arch).startswith("DiT"):
             raise ConfigError(f"FineDiffusion fine-tunes a DiT (tiered class table, LayerNorm affine, DiffFit γ); "
                               f"arch {arch!r} is not one: use a DiT name, DiT-S/2 ... DiT-XL/8")
+        if label_table is not None and label_table not in LABEL_TABLES:
+            raise ConfigError(f"label_table must be one of {', '.join(LABEL_TABLES)} (or null: the paper's rule), "
+                              f"got {label_table!r}")
+        if label_table == "tiered" and not tiered:
+            raise ConfigError("label_table tiered reads a checkpoint's table as the tiered one, but tiered is false; "
+                              "set tiered: true, or choose strict, reuse or reinit")
+        if checkpoint_part not in CHECKPOINT_PARTS:
+            raise ConfigError(f"checkpoint_part must be one of {', '.join(CHECKPOINT_PARTS)}, got {checkpoint_part!r}")
         superclasses = None if superclasses is None else [int(s) for s in superclasses]
         preset = canonical_preset(peft)
         if optimizer is None:
             lr = PRESET_LR.get(preset or "", DEFAULT_LR)
             optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
-        super().__init__(guidance_scale=guidance_scale, optimizer=optimizer, label_table=label_table or "reinit",
+        # `tiered` is `strict` once the file's table is read as tiered (io.dit_checkpoint.dit_label_layouts).
+        policy = {None: "reinit", "tiered": "strict"}.get(label_table, label_table)
+        super().__init__(guidance_scale=guidance_scale, optimizer=optimizer, label_table=policy,
                          arch_overrides=preset_arch(peft, difffit_depth, arch_overrides), **kwargs)
         self.paper_table = label_table is None
+        self.tiered_table = True if label_table == "tiered" else None
+        self.checkpoint_part = checkpoint_part
         if guidance not in GUIDANCE:
             raise ConfigError(f"unknown guidance '{guidance}'; choose one of {', '.join(GUIDANCE)}")
         self.tiered = tiered
@@ -212,11 +240,15 @@ class FineDiffusion(BaseReferencedCheckpoint, Diffusion):
         """The base DiT: strict, except the label table (``label_table``), the superclass map and the preset's keys.
 
         The file's ``class_to_super`` is never read: the map comes from the init argument or the data. LN affine / γ
-        the file lacks keep their identity init; every other missing or shape-different key fails the load.
+        the file lacks keep their identity init; every other missing or shape-different key fails the load. A
+        training checkpoint gives its ``checkpoint_part`` (EMA by default); its ``args`` Namespace is read as data.
         """
         report = load_dit_checkpoint(self.net, path, label_table=_paper_rule if self.paper_table else self.label_table,
-                                     ignore_keys=[_MAP], allow_missing=[_MAP, *keys_not_in_dit(self.net)])
+                                     ignore_keys=[_MAP], allow_missing=[_MAP, *keys_not_in_dit(self.net)],
+                                     prefer=self.checkpoint_part, tiered_table=self.tiered_table)
         fit = report.label_table
+        if fit is not None and fit.note:
+            rank_zero_info(f"FineDiffusion: {path} (part: {report.source}): {fit.note}")
         if fit is not None and fit.kept == fit.model.size:
             rank_zero_info(f"FineDiffusion: kept the class table of {path}: it has this tiered table's layout "
                            f"({fit.model.describe()}, {tuple(self.net.y_embedder.embedding_table.weight.shape)})")

@@ -19,8 +19,12 @@ T2H (Zhang et al., spec 2.8), under no_grad in float32, for each sample i of the
           (when cut_time ≥ 0), else z_i = i
     ε̃_i = ε_i + √(ᾱ_t / (1 − ᾱ_t)) (x0_i − x0_{z_i}),  i.e. x_t,i = √ᾱ_t x0_{z_i} + √(1 − ᾱ_t) ε̃_i
     L = mean ‖ε_θ(x_t, t, y or ∅) − ε̃‖²              (the label y_i is never swapped; q = training class prior)
-    The share of rows with z_i ≠ i is logged against t (10 buckets, spec 6). ``conditional=False`` is the
-    unconditional variant (the paper's Table 1): the gate still reads y, the net always gets ∅.
+    The share of rows with z_i ≠ i is logged against t (10 buckets, spec 6).
+
+``conditional: false`` (DDPM, T2H) trains an unconditional model on the labelled data, as the T2H paper's Table 1:
+the net always gets ∅ (no label drop, no guidance), and T2H's gate still reads y. The U-Net is then built without
+its label map (pytorch-ddpm's unconditional net, so those checkpoints load); a DiT keeps its table and gets its null
+row. CBDM cannot be unconditional: its regulariser compares the predictions for two labels y and y'.
 
 Other predictions (``prediction: v`` or ``x0``, a departure from the papers, used by the shapes configs because an
 ε-prediction DiT draws pixel clouds there): every loss above goes through the process, which regresses the chosen
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat
 from ..errors import ConfigError
+from ..nets.unet import UNET_CONFIGS
 from .diffusion import Diffusion, dit_loss
 
 LABEL_DROPS = ("batch", "sample")
@@ -65,6 +70,11 @@ def label_drop_mask(batch: int, prob: float, mode: str = "batch", device: torch.
 
 def _conditioning(labels: Tensor, drop: Tensor | None) -> dict[str, Tensor]:
     return {"y": labels} if drop is None else {"y": labels, "force_drop_ids": drop}
+
+
+def _null_conditioning(labels: Tensor) -> dict[str, Tensor]:
+    """No class reaches the net: null labels, every row dropped (a DiT's null row; a U-Net skips its label map)."""
+    return _conditioning(torch.full_like(labels, -1), torch.ones_like(labels, dtype=torch.bool))
 
 
 def cbdm_regulariser(h: Tensor, h_other: Tensor, t: Tensor, num_timesteps: int, tau: float = 1.0,
@@ -212,10 +222,7 @@ def t2h_loss(net: Callable[..., Tensor], process: GaussianDiffusion, x0: Tensor,
     if noise is None:
         noise = torch.randn_like(x0)  # dit_loss's draw order (t, then ε): a closed gate gives exactly its loss
     x0_z, eps_tilde, z = t2h_targets(process, x0, labels, prior, t, noise, mode, cut_time, prior_power)
-    if conditional:
-        cond = _conditioning(labels, drop)
-    else:  # no class reaches the net: null labels, and every row dropped (a DiT's null row, a U-Net's skip)
-        cond = _conditioning(torch.full_like(labels, -1), torch.ones_like(labels, dtype=torch.bool))
+    cond = _conditioning(labels, drop) if conditional else _null_conditioning(labels)
     # The net sees √ᾱ x0_z + √(1-ᾱ) ε̃, which is x_t up to float rounding (bit for bit where z_i = i).
     terms = process.training_losses(net, x0_z, t, noise=eps_tilde, model_kwargs=cond)
     out = {k: terms[k].mean() for k in ("loss", "mse", "vb")}
@@ -242,18 +249,34 @@ class LongTailDDPM(Diffusion):
         sample_in_train_mode: keep the U-Net's dropout active while sampling, as T2H's evaluator does.
         clip_denoised: False (default): no x̂₀ clipping inside the sampling loop, as the CBDM / T2H samplers
             (only the final output is clipped). True clamps x̂₀ at every step.
+        conditional: False trains and samples an unconditional model on labelled data (the T2H paper's Table 1):
+            the net only ever gets the null label (no label drop, no guidance). A U-Net is built without its label
+            map (``label_dim`` 0: pytorch-ddpm's unconditional layout); a DiT keeps its table and needs its null row
+            (class_dropout_prob > 0). The labels still give ``class_counts`` (and T2H's gate).
         **kwargs: :class:`Diffusion` arguments (``arch_overrides``, ``checkpoint``, optimizer, ...).
     """
 
     def __init__(self, arch: str = "ddpm-cifar10", learn_sigma: bool = False, class_dropout_prob: float = 0.1,
                  label_drop: str = "batch", sampler: str = "ddim", sample_steps: int = 100,
                  guidance_scale: float = 2.5, class_counts: Sequence[int] | None = None,
-                 sample_in_train_mode: bool = False, clip_denoised: bool = False, **kwargs: Any) -> None:
-        super().__init__(arch=arch, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, sampler=sampler,
-                         sample_steps=sample_steps, guidance_scale=guidance_scale, clip_denoised=clip_denoised,
-                         **kwargs)
+                 sample_in_train_mode: bool = False, clip_denoised: bool = False, conditional: bool = True,
+                 **kwargs: Any) -> None:
+        overrides = kwargs.pop("arch_overrides", None)
+        if not conditional and arch in UNET_CONFIGS:
+            if (overrides or {}).get("label_dim"):
+                raise ConfigError(f"{type(self).__name__} with conditional: false builds its U-Net without a label "
+                                  f"map, but arch_overrides sets label_dim={overrides['label_dim']}; remove it")
+            overrides = {**(overrides or {}), "label_dim": 0}
+        super().__init__(arch=arch, arch_overrides=overrides, learn_sigma=learn_sigma,
+                         class_dropout_prob=class_dropout_prob, sampler=sampler, sample_steps=sample_steps,
+                         guidance_scale=guidance_scale, clip_denoised=clip_denoised, **kwargs)
         if label_drop not in LABEL_DROPS:
             raise ConfigError(f"label_drop must be one of {LABEL_DROPS}, got {label_drop!r}")
+        embedder = getattr(self.net, "y_embedder", None)
+        if not conditional and embedder is not None and getattr(embedder, "null_index", 0) is None:
+            raise ConfigError(f"{type(self).__name__} with conditional: false feeds the DiT its null label, but "
+                              "class_dropout_prob=0 built it without a null row; set class_dropout_prob > 0 (0.1)")
+        self.conditional = bool(conditional)
         self.label_drop = label_drop
         self.class_dropout_prob = class_dropout_prob
         self.class_counts = (None if class_counts is None
@@ -309,8 +332,17 @@ class LongTailDDPM(Diffusion):
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         x0, labels = batch
-        drop = self.drop_mask(x0.shape[0])
-        return dit_loss(self.denoiser, self.process, x0, labels, drop)
+        if not self.conditional:
+            null = _null_conditioning(labels)
+            return dit_loss(self.denoiser, self.process, x0, null["y"], null["force_drop_ids"])
+        return dit_loss(self.denoiser, self.process, x0, labels, self.drop_mask(x0.shape[0]))
+
+    def guided_denoiser(self, labels: Tensor, guidance_scale: float,
+                        guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+        if self.conditional:
+            return super().guided_denoiser(labels, guidance_scale, guidance_channels)
+        null = torch.full_like(labels, -1)  # an unconditional model: no class, nothing to guide toward
+        return lambda x, t: self.denoiser(x, t, null)
 
     def generate(self, noise: Tensor, labels: Tensor, generators: Sequence[torch.Generator],
                  **sampling: Any) -> Tensor:
@@ -333,10 +365,15 @@ class CBDM(LongTailDDPM):
             the pull into a push, so both are refused.
         target_dist: where y' comes from: ``uniform`` (the paper's balanced target, default) or ``train`` (the
             training class prior, what the code does when training from scratch; it uses uniform for fine-tuning).
-        **kwargs: :class:`LongTailDDPM` arguments.
+        **kwargs: :class:`LongTailDDPM` arguments, but not ``conditional: false``: the regulariser compares the
+            net's predictions for y and y', which an unconditional net cannot tell apart (refused).
     """
 
     def __init__(self, tau: float = 1.0, gamma: float = 0.25, target_dist: str = "uniform", **kwargs: Any) -> None:
+        if not kwargs.get("conditional", True):
+            raise ConfigError("CBDM cannot be unconditional: its regulariser pulls the prediction for the label y "
+                              "toward the one for another label y', so the net must see labels. Set conditional: "
+                              "true, or train an unconditional model with LongTailDDPM or T2H (conditional: false)")
         super().__init__(**kwargs)
         if target_dist not in CBDM_TARGETS:
             raise ConfigError(f"target_dist must be one of {CBDM_TARGETS}, got {target_dist!r}")
@@ -374,10 +411,9 @@ class T2H(LongTailDDPM):
         cut_time: moves only at timesteps t < cut_time; -1 (the code's default) = at every t, 0 = never (DDPM).
         prior_power: β of the prior-weighted sampler W_ij ∝ q(y_j)^β exp(ℓ_ij) (``--transfer_tr_tau`` with
             ``--tr_tau``, 1.0 there); None (default) = the plain kernel. That sampler has no gate: use mode full.
-        conditional: False trains and samples an unconditional model (the paper's Table 1: Full / H2T / T2H):
-            the labels still drive the gate, but the net only ever gets the null label (no label drop, no
-            guidance). A DiT then needs its null row (class_dropout_prob > 0); the U-Net skips its label map.
         **kwargs: :class:`LongTailDDPM` arguments. The reference batch is this device's batch (batch_size matters).
+            ``conditional: false`` trains an unconditional model (the paper's Table 1: Full / H2T / T2H; a U-Net
+            without label map, which loads T2H's unconditional checkpoints): the labels drive only the gate.
 
     Training logs ``train/transfer_rate`` (the share of re-targeted rows) and, on the steps the logger writes, the
     rate per tenth of the timesteps, ``train/transfer_rate_t{lo}-{hi}`` (spec 6), pooled over the steps since the
@@ -387,7 +423,7 @@ class T2H(LongTailDDPM):
     needs_class_prior = True
 
     def __init__(self, transfer_mode: str = "t2h", cut_time: int = -1, prior_power: float | None = None,
-                 conditional: bool = True, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if transfer_mode not in TRANSFER_MODES:
             raise ConfigError(f"transfer_mode must be one of {TRANSFER_MODES}, got {transfer_mode!r}")
@@ -396,12 +432,7 @@ class T2H(LongTailDDPM):
                               f"set transfer_mode: full (got {transfer_mode!r})")
         if self.num_classes < 1:
             raise ConfigError("T2H needs class labels for its gate; the data has none (num_classes = 0)")
-        embedder = getattr(self.net, "y_embedder", None)
-        if not conditional and embedder is not None and getattr(embedder, "null_index", 0) is None:
-            raise ConfigError("T2H with conditional: false feeds the DiT its null label, but class_dropout_prob=0 "
-                              "built it without a null row; set class_dropout_prob > 0 (0.1)")
         self.transfer_mode, self.cut_time, self.prior_power = transfer_mode, cut_time, prior_power
-        self.conditional = bool(conditional)
         self._transfer_counts: Tensor | None = None  # [2, TRANSFER_BUCKETS] swaps / samples since the last log
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
@@ -434,10 +465,3 @@ class T2H(LongTailDDPM):
         for name, rate in rates.items():
             self.log(name, rate, batch_size=batch_size)
         return rates
-
-    def guided_denoiser(self, labels: Tensor, guidance_scale: float,
-                        guidance_channels: int | None) -> Callable[[Tensor, Tensor], Tensor]:
-        if self.conditional:
-            return super().guided_denoiser(labels, guidance_scale, guidance_channels)
-        null = torch.full_like(labels, -1)  # an unconditional model: no class, nothing to guide toward
-        return lambda x, t: self.denoiser(x, t, null)

@@ -23,7 +23,9 @@ class DhariwalUNet(UNet):
     """ADM U-Net with EDM's argument names and class defaults (what its pickles' ``_init_kwargs`` omit).
 
     Defaults: model_channels 192, channel_mult (1, 2, 3, 4), channel_mult_emb 4, num_blocks 3,
-    attn_resolutions (32, 16, 8), dropout 0.10, ``channels_per_head`` 64 (``num_heads=None``).
+    attn_resolutions (32, 16, 8), dropout 0.10, ``channels_per_head`` 64 (``num_heads=None``): a block has
+    out_channels // 64 heads, so one narrower than 64 channels has no attention layers (as EDM's), and
+    ``num_heads=0`` switches attention off everywhere. GroupNorm: min(32, C/4) groups.
     """
 
     defaults: dict[str, Any] = dict(model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,

@@ -18,7 +18,9 @@ Extension points used by the transfer methods, so that none of them copies this 
   the LayerNorms with weights and biases (keys ``blocks.{i}.norm1/norm2.*`` and ``final_layer.norm_final.*``).
 * **DiffFit** (branch scales): ``branch_scales=k`` gives blocks 0..k-1 learnable vectors ``gamma_msa`` and
   ``gamma_mlp`` (shape [D], init 1) that scale the attention and MLP branch outputs; k = 0 (default) keeps the
-  official key table. Parameter selection for fine-tuning lives in ``nets/peft.py``.
+  official key table. ``attention_scales=True`` adds, in the same blocks, ``attn.gamma_qkv`` [3D] on the qkv
+  output and ``attn.gamma_proj`` [D] on the attention output (Diff-Tuning's DiffFit: 4 vectors a block).
+  Parameter selection for fine-tuning lives in ``nets/peft.py``.
 * **Diff-Tuning / CFG** (null labels per sample): a label of ``-1`` means "null" and maps to the null index
   ``num_classes``; ``force_drop_ids`` (a [B] bool or 0/1 mask) drops exactly the marked samples.
 
@@ -277,10 +279,12 @@ class Attention(nn.Module):
 
     Uses :func:`~diffusion_transfer.nets.attention.attention` (SDPA, or its explicit form for short bf16
     sequences on a CPU) with SDPA's default scale (D/heads)^-1/2.
+    With ``scales`` (DiffFit in Diff-Tuning), learnable vectors (init 1) multiply the outputs of the two Linears,
+    biases included: ``gamma_qkv`` [3D] the packed [q; k; v], ``gamma_proj`` [D] the output.
     [B, N, D] -> [B, N, D].
     """
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, scales: bool = False) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -288,14 +292,17 @@ class Attention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.gamma_qkv = nn.Parameter(torch.ones(3 * hidden_size)) if scales else None
+        self.gamma_proj = nn.Parameter(torch.ones(hidden_size)) if scales else None
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, N, D] -> [B, N, D]."""
         b, n, d = x.shape
+        qkv = self.qkv(x) if self.gamma_qkv is None else self.qkv(x) * self.gamma_qkv
         # [B, N, 3D] -> [3, B, heads, N, head_dim]; heads are contiguous inside each of q, k, v.
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.proj(attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, d))
+        return out if self.gamma_proj is None else out * self.gamma_proj
 
 
 class Mlp(nn.Module):
@@ -323,16 +330,17 @@ class DiTBlock(nn.Module):
     LayerNorms have no affine parameters (eps 1e-6) unless ``norm_affine`` (FineDiffusion) is set. With
     ``branch_scale`` (DiffFit) each branch output is also multiplied by its own learnable [D] vector γ (init 1):
     ``x + gate * γ ⊙ branch``; γ and the gate both scale channels, so their order does not matter.
+    ``attention_scales`` (with ``branch_scale``) also scales the attention's qkv and output (:class:`Attention`).
     Works on any token count, so prepended extra tokens pass through. x [B, N, D], c [B, D] -> [B, N, D].
     """
 
     def __init__(
         self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_affine: bool = False,
-        branch_scale: bool = False,
+        branch_scale: bool = False, attention_scales: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=LN_EPS, elementwise_affine=norm_affine)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, scales=branch_scale and attention_scales)
         self.norm2 = nn.LayerNorm(hidden_size, eps=LN_EPS, elementwise_affine=norm_affine)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -394,6 +402,7 @@ class DiT(nn.Module):
         learn_sigma: output 2C channels (noise + variance) instead of C.
         norm_affine: give the LayerNorms weights and biases (FineDiffusion); the official DiT has none.
         branch_scales: DiffFit γ vectors in the first ``branch_scales`` blocks (0 = none, the official layout).
+        attention_scales: those blocks also get γ on the attention's qkv [3D] and output [D] (Diff-Tuning's DiffFit).
 
     Attributes:
         gradient_checkpointing: recompute blocks in the backward pass to save activation memory.
@@ -413,6 +422,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         norm_affine: bool = False,
         branch_scales: int = 0,
+        attention_scales: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -431,6 +441,7 @@ class DiT(nn.Module):
             learn_sigma=learn_sigma,
             norm_affine=norm_affine,
             branch_scales=branch_scales,
+            attention_scales=attention_scales,
         )
         if branch_scales < 0:
             raise ValueError(f"branch_scales must be >= 0 (blocks with DiffFit γ), got {branch_scales}")
@@ -452,7 +463,8 @@ class DiT(nn.Module):
         # A Parameter (not a buffer) because the official state dict stores it; frozen: it is a fixed table.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine=norm_affine, branch_scale=i < branch_scales)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, norm_affine=norm_affine, branch_scale=i < branch_scales,
+                     attention_scales=attention_scales)
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_affine=norm_affine)
@@ -492,9 +504,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if block.gamma_msa is not None:
-                nn.init.ones_(block.gamma_msa)
-                nn.init.ones_(block.gamma_mlp)
+            for gamma in (block.gamma_msa, block.gamma_mlp, block.attn.gamma_qkv, block.attn.gamma_proj):
+                if gamma is not None:
+                    nn.init.ones_(gamma)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

@@ -6,7 +6,8 @@ Spec: ``papers/finediffusion.md`` §2.4, §2.6 and §6 ("explicit module-type ru
 * ``norm``:  a parameter of a normalisation layer (LayerNorm, GroupNorm, BatchNorm, RMSNorm); DiT's LayerNorms
   have none unless built with ``norm_affine=True``;
 * ``table``: a parameter of the class-label embedder ``y_embedder`` (the class table, tiered or not);
-* ``gamma``: a DiffFit branch scale (``blocks.{i}.gamma_msa`` / ``gamma_mlp``, see ``nets/dit.py``).
+* ``gamma``: a DiffFit scale (``blocks.{i}.gamma_msa`` / ``gamma_mlp``, and with four scales a block also
+  ``blocks.{i}.attn.gamma_qkv`` / ``gamma_proj``; see ``nets/dit.py``).
 
 Presets (``pos_embed``, DiT's fixed sin-cos table, never trains):
 
@@ -24,10 +25,10 @@ not caught by accident (spec pitfall 6). A list of ``fnmatch`` patterns over par
 
 A preset may need tensors that an official DiT lacks (spec §2.6: on vanilla DiT ``norm`` selects nothing):
 :func:`preset_arch` gives the DiT arguments that create them (``finediffusion``: ``norm_affine``; ``difffit``:
-``branch_scales``), :func:`keys_not_in_dit` the parameter names a base DiT file may therefore lack (they start
-at the identity), and :func:`select_trainable` refuses a preset whose defining group (``DEFINING``) is empty
-instead of silently training BitFit's tensors. FineDiffusion and DiffTuning both build and load through these.
-Pure torch: nothing here imports Lightning.
+``branch_scales``, and ``attention_scales`` for Diff-Tuning's four γ a block), :func:`keys_not_in_dit` the
+parameter names a base DiT file may therefore lack (they start at the identity), and :func:`select_trainable`
+refuses a preset whose defining group (``DEFINING``) is empty instead of silently training BitFit's tensors.
+FineDiffusion and DiffTuning both build and load through these. Pure torch: nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["DEFINING", "PRESETS", "Selection", "canonical_preset", "keys_not_in_dit", "parameter_groups",
-           "preset_arch", "select_trainable"]
+__all__ = ["DEFINING", "DIFFFIT_SCALES", "PRESETS", "Selection", "canonical_preset", "keys_not_in_dit",
+           "parameter_groups", "preset_arch", "select_trainable"]
 
 #: Fixed tables that never train, whatever the selection.
 NEVER = ("pos_embed",)
@@ -55,6 +56,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 #: Older names (Diff-Tuning's presets) kept working.
 ALIASES = {"all": "full", "bias": "bitfit", "bias_norm": "finediffusion"}
+#: DiffFit's γ vectors per block: 2 (the DiffFit paper: the attention and MLP branches; FineDiffusion's baseline)
+#: or 4 (Diff-Tuning's ``--difffit``: also the attention's qkv [3D] and output projection [D]).
+DIFFFIT_SCALES = (2, 4)
 #: Preset -> the group that tells it apart from ``bitfit``; an empty one is a configuration error.
 DEFINING = {"finediffusion": "norm", "difffit": "gamma"}
 _NEEDS = {"norm": "LayerNorm affine parameters, which a DiT has only with norm_affine: true (FineDiffusion and "
@@ -120,15 +124,17 @@ def canonical_preset(selection: str | Sequence[str]) -> str | None:
 
 
 def preset_arch(selection: str | Sequence[str], difffit_depth: int = 14,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                overrides: Mapping[str, Any] | None = None, difffit_scales: int = 2) -> dict[str, Any]:
     """DiT arguments (``arch_overrides``) for a selection: what the preset needs, then ``overrides`` on top.
 
     ``finediffusion`` switches the LayerNorm affines on (spec §2.4), ``difffit`` adds γ to blocks
-    0..``difffit_depth``-1 (spec §6: LN affine stays off, as vanilla DiT); the other presets and pattern lists
+    0..``difffit_depth``-1 (spec §6: LN affine stays off, as vanilla DiT): ``difffit_scales`` 2 (one per branch)
+    or 4 (also on the attention's qkv and output, ``attention_scales``); the other presets and pattern lists
     change nothing. An explicit key in ``overrides`` wins (e.g. ``{norm_affine: true}`` for DiffFit with LN).
 
     Raises:
-        ConfigError: unknown preset, or a negative ``difffit_depth`` with ``difffit``.
+        ConfigError: unknown preset, or with ``difffit`` a negative ``difffit_depth`` or ``difffit_scales`` not in
+            :data:`DIFFFIT_SCALES`.
     """
     preset = canonical_preset(selection)
     needed: dict[str, Any] = {}
@@ -138,7 +144,12 @@ def preset_arch(selection: str | Sequence[str], difffit_depth: int = 14,
         if difffit_depth < 0:
             raise ConfigError(f"difffit_depth must be >= 0 (blocks 0..k-1 get DiffFit's γ; Diff-Tuning: 14), "
                               f"got {difffit_depth}")
+        if difffit_scales not in DIFFFIT_SCALES:
+            raise ConfigError(f"difffit_scales must be 2 (γ on the attention and MLP branches, the DiffFit paper) or "
+                              f"4 (also on qkv and the attention output, Diff-Tuning's code), got {difffit_scales}")
         needed["branch_scales"] = difffit_depth
+        if difffit_scales == 4:
+            needed["attention_scales"] = True
     return {**needed, **(overrides or {})}
 
 

@@ -13,6 +13,8 @@ augment enters  before the MLP               before the MLP              after t
 resampling      residual up/down blocks      residual up/down blocks     strided conv / nearest+conv
 block           additive emb, skip √½        scale-shift (FiLM), skip 1  additive emb, skip 1
 attention       1 head, last decoder block   64 ch/head, every block     1 head, every block
+                                             (none under 64 channels)
+group norm      min(32, C/4) groups          min(32, C/4) groups         32 groups
 output          ``dec.RxR_aux_norm/conv``    ``out_norm`` / ``out_conv`` ``out_norm`` / ``out_conv``
 ==============  ===========================  ==========================  ==========================
 
@@ -61,9 +63,20 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------------------------
-def group_norm(channels: int, eps: float) -> nn.GroupNorm:
-    """GroupNorm with 32 groups but at least 4 channels per group (EDM's rule; equals GroupNorm(32) for C >= 128)."""
-    return nn.GroupNorm(min(32, channels // 4), channels, eps=eps)
+def group_norm(channels: int, eps: float, min_channels_per_group: int = 4) -> nn.GroupNorm:
+    """GroupNorm with min(32, C // min_channels_per_group) groups.
+
+    EDM's nets use 4 (at least 4 channels a group; GroupNorm(32) for C >= 128). pytorch-ddpm / CBDM / T2H use
+    GroupNorm(32) at every width, which is 1 here (C >= 32; a narrower net, which their code cannot build, gets
+    one channel a group). The count is not in the state dict, so a wrong rule loads silently: keep the family's.
+    """
+    groups = min(32, channels // min_channels_per_group)
+    if groups < 1 or channels % groups:
+        fix = ("use a width divisible by 32, or min_channels_per_group: 4 (EDM's rule, min(32, C/4) groups)"
+               if min_channels_per_group != 4 else "use a multiple of 4 under 128 channels, of 32 above")
+        raise ValueError(f"GroupNorm: {channels} channels do not split into min(32, {channels} // "
+                         f"{min_channels_per_group}) = {groups} groups; {fix}")
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class Conv2d(nn.Module):
@@ -172,33 +185,36 @@ class UNetBlock(nn.Module):
     The ``qkv`` output channels are grouped per head with (q, k, v) as the fastest axis, i.e. laid out
     (heads, C/heads, 3), as in EDM's checkpoints.
 
-    Keys: ``norm0, conv0, affine`` ([out or 2·out, E]), ``norm1, conv1``, ``skip`` (if any), and with attention
-    ``norm2, qkv`` ([3·out, out, 1, 1]), ``proj``.
+    Heads: ``num_heads`` if given (0 = no attention), else out_channels // channels_per_head, which is 0 (no
+    attention layers at all) for a block narrower than ``channels_per_head``, as in EDM's DhariwalUNet.
+
+    Keys: ``norm0, conv0, affine`` ([out or 2·out, E]), ``norm1, conv1``, ``skip`` (if any), and with at least
+    one head ``norm2, qkv`` ([3·out, out, 1, 1]), ``proj``. GroupNorms: :func:`group_norm`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: int | None = None,
                  channels_per_head: int = 64, dropout: float = 0.0, skip_scale: float = 1.0, eps: float = 1e-5,
                  resample_filter: Sequence[int] | None = (1, 1), resample_proj: bool = False,
-                 adaptive_scale: bool = True) -> None:
+                 adaptive_scale: bool = True, min_channels_per_group: int = 4) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = 0 if not attention else (num_heads or max(out_channels // channels_per_head, 1))
+        self.num_heads = 0 if not attention else (out_channels // channels_per_head if num_heads is None else num_heads)
         if self.num_heads and out_channels % self.num_heads:
             raise ValueError(f"UNetBlock: {out_channels} channels do not split into {self.num_heads} heads")
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         resample = {"up": up, "down": down, "resample_filter": resample_filter}
-        self.norm0 = group_norm(in_channels, eps)
+        self.norm0 = group_norm(in_channels, eps, min_channels_per_group)
         self.conv0 = Conv2d(in_channels, out_channels, 3, **resample)
         self.affine = nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
-        self.norm1 = group_norm(out_channels, eps)
+        self.norm1 = group_norm(out_channels, eps, min_channels_per_group)
         self.conv1 = Conv2d(out_channels, out_channels, 3)
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
             self.skip = Conv2d(in_channels, out_channels, kernel, **resample)
         if self.num_heads:
-            self.norm2 = group_norm(out_channels, eps)
+            self.norm2 = group_norm(out_channels, eps, min_channels_per_group)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1)
             self.proj = Conv2d(out_channels, out_channels, 1)
 
@@ -217,7 +233,11 @@ class UNetBlock(nn.Module):
             b, c, h, w = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
             attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            x = (self.proj(attn.transpose(1, 2).reshape(b, c, h, w)) + x) * self.skip_scale
+            # Back to contiguous NCHW before proj: with one head the reshape is a channels-last view, proj and the
+            # sum would keep that layout, and the next dropout would then draw its mask in another element order
+            # than EDM's (whose activations stay NCHW), so the same seed would drop other activations.
+            attn = attn.transpose(1, 2).reshape(b, c, h, w).contiguous()
+            x = (self.proj(attn) + x) * self.skip_scale
         return x
 
 
@@ -330,7 +350,9 @@ class UNet(nn.Module):
         encoder_type: ``"standard"`` or ``"residual"`` (NCSN++: an ``aux_residual`` conv path of the input).
         decoder_type: ``"standard"`` (the only one built; EDM's ``"skip"`` decoder is refused).
         resample_filter: 1-D resampling filter ([1, 1] DDPM++/ADM, [1, 3, 3, 1] NCSN++).
-        num_heads: attention heads (None: out_channels // channels_per_head).
+        num_heads: attention heads (None: out_channels // channels_per_head, 0 below that width; 0: none).
+        min_channels_per_group: GroupNorms have min(32, C // this) groups (:func:`group_norm`): 4 in EDM's nets,
+            1 in :class:`DDPMUNet` (GroupNorm(32), as pytorch-ddpm / CBDM / T2H).
         style: a :data:`STYLES` name or a :class:`UNetStyle`.
     """
 
@@ -341,7 +363,7 @@ class UNet(nn.Module):
                  embedding_type: str = "positional", encoder_type: str = "standard",
                  decoder_type: str = "standard", resample_filter: Sequence[int] = (1, 1),
                  num_heads: int | None = 1, channels_per_head: int = 64, fourier_scale: float = 16.0,
-                 style: str | UNetStyle = "song") -> None:
+                 min_channels_per_group: int = 4, style: str | UNetStyle = "song") -> None:
         super().__init__()
         st = STYLES[style] if isinstance(style, str) else style
         if embedding_type not in ("positional", "fourier"):
@@ -357,7 +379,8 @@ class UNet(nn.Module):
         site_ch = {"noise": noise_ch, "emb": emb_ch}
         block = dict(emb_channels=emb_ch, num_heads=num_heads, channels_per_head=channels_per_head, dropout=dropout,
                      skip_scale=st.skip_scale, eps=st.eps, resample_filter=resample_filter,
-                     resample_proj=st.resample_proj, adaptive_scale=st.adaptive_scale)
+                     resample_proj=st.resample_proj, adaptive_scale=st.adaptive_scale,
+                     min_channels_per_group=min_channels_per_group)
 
         # Mapping network (registration order follows each family's checkpoints).
         self.map_noise = (PositionalEmbedding(noise_ch, endpoint=st.endpoint) if embedding_type == "positional"
@@ -408,11 +431,11 @@ class UNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **block)
         res = img_resolution
         if st.output == "aux":
-            self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, st.eps)
+            self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, st.eps, min_channels_per_group)
             self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3)
             self._head = (f"{res}x{res}_aux_norm", f"{res}x{res}_aux_conv")
         else:
-            self.out_norm = group_norm(cout, st.eps)
+            self.out_norm = group_norm(cout, st.eps, min_channels_per_group)
             self.out_conv = Conv2d(cout, out_channels, 3)
         self.reset_parameters()
 
@@ -542,13 +565,15 @@ class DDPMUNet(UNet):
 
     Defaults are the paper settings: ch 128 (``model_channels``), ch_mult (1, 2, 2, 2), attention at 16x16
     (``attn=[1]`` at 32 px; here ``attn_resolutions``), 2 residual blocks per level (3 in the decoder), dropout
-    0.1, time embedding 128 -> 512 -> 512. The class embedding (``label_dim`` = num_class) is added to the time
-    embedding and has no null row: None / -1 skips it; ``augment_dim=9`` is CBDM's ``--augm`` vector. Init:
-    Xavier-uniform, except the label map, which starts N(0, 1) like the ``nn.Embedding`` it stands for.
+    0.1, time embedding 128 -> 512 -> 512, GroupNorm(32) at every width (``min_channels_per_group=1``; 4 gives
+    EDM's min(32, C/4) groups, which differ below 128 channels). The class embedding (``label_dim`` = num_class)
+    is added to the time embedding and has no null row: None / -1 skips it, and ``label_dim=0`` builds none (an
+    unconditional pytorch-ddpm net); ``augment_dim=9`` is CBDM's ``--augm`` vector. Init: Xavier-uniform, except
+    the label map, which starts N(0, 1) like the ``nn.Embedding`` it stands for.
     """
 
     defaults: dict[str, Any] = dict(model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=2,
-                                    attn_resolutions=(16,), dropout=0.1, num_heads=1)
+                                    attn_resolutions=(16,), dropout=0.1, num_heads=1, min_channels_per_group=1)
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, **kwargs: Any) -> None:
         super().__init__(img_resolution, in_channels, out_channels, **family_kwargs(self.defaults, "ddpm", kwargs))
