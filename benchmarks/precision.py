@@ -1,6 +1,6 @@
 """Training and sampling speed by precision: float32 against bf16-mixed, and what helps beyond autocast.
 
-    python benchmarks/precision.py [--steps 20] [--warmup 3] [--repeats 3] [--only NAME] [--compile]
+    python benchmarks/precision.py [--steps 20] [--warmup 3] [--repeats 3] [--only NAME] [--compile] [--batch N]
 
 The models are those of ``benchmarks/throughput.py`` (DiT-S/2 on 32x32x4 latents, the quickstart DiT, EDM
 DDPM++ at CIFAR-10 size and the tiny DDPM++ of configs/edm/shapes.yaml). Every number is a training step through
@@ -11,7 +11,7 @@ DDPM++ at CIFAR-10 size and the tiny DDPM++ of configs/edm/shapes.yaml). Every n
 - ``bf16``: ``precision="bf16-mixed"`` (the CLI's default on hardware with native bf16);
 - ``bf16 fused``: bf16-mixed with ``AdamW(fused=True)``;
 - ``bf16 channels_last`` (U-Nets): bf16-mixed, fused AdamW, net and inputs in channels_last;
-- ``bf16 compile`` (``--compile``, DiT only: the ``compile: true`` switch): bf16-mixed + fused AdamW under
+- ``bf16 compile`` (``--compile``: the model's ``compile: true`` switch): bf16-mixed + fused AdamW under
   ``torch.compile``; its start-up (the first step, which compiles) is reported apart.
 
 The variants alternate within each repeat and each takes its best (least disturbed) repeat, so drift of a shared
@@ -36,7 +36,6 @@ from throughput import MODELS, SAMPLING, build
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_transfer.callbacks import TrainableEMA
-from diffusion_transfer.methods import Diffusion
 
 
 class _StepTimer(L.Callback):
@@ -64,13 +63,13 @@ def train_step_times(model, x: torch.Tensor, y: torch.Tensor, steps: int, precis
     return timer.times
 
 
-def variants(spec: dict, compile_dit: bool) -> dict[str, dict]:
+def variants(spec: dict, compile_net: bool) -> dict[str, dict]:
     is_dit = spec["arch"].startswith("DiT")
     table = {"fp32": {"precision": "32-true"}, "bf16": {"precision": "bf16-mixed"},
              "bf16 fused": {"precision": "bf16-mixed", "fused": True}}
     if not is_dit:
         table["bf16 channels_last"] = {"precision": "bf16-mixed", "fused": True, "channels_last": True}
-    if is_dit and compile_dit:
+    if compile_net:
         table["bf16 compile"] = {"precision": "bf16-mixed", "fused": True, "compile": True}
     return table
 
@@ -80,8 +79,7 @@ def prepare(model, x: torch.Tensor, options: dict) -> torch.Tensor:
     model.optimizer_factory = partial(torch.optim.AdamW, lr=1e-4, **({"fused": True} if options.get("fused") else {}))
     fmt = torch.channels_last if options.get("channels_last") else torch.contiguous_format
     model.to(memory_format=fmt)
-    if isinstance(model, Diffusion):
-        model._compile = bool(options.get("compile"))
+    model._compile = bool(options.get("compile"))
     return x.contiguous(memory_format=fmt)
 
 
@@ -97,10 +95,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of each measurement")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant (DiT)")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     parser.add_argument("--only", default=None, help="run only models whose name contains this")
     parser.add_argument("--sample-count", type=int, default=None, help="images per sampling run (default: batch)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=None, help="training batch of every model (default: its own)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.json"))
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -108,6 +107,9 @@ def main() -> None:
     for name, spec in MODELS.items():
         if args.only and args.only not in name:
             continue
+        if args.batch:
+            name = name.replace(f"batch {spec['batch']}", f"batch {args.batch}")
+            spec = {**spec, "batch": args.batch}
         model, x, y = build(spec)
         table = variants(spec, args.compile)
         best = {key: float("inf") for key in table}

@@ -641,3 +641,22 @@ def test_pieces_match_timm_modules_used_by_official_dit():
     img = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model.x_embedder(img), ref_patch(img))
     assert timm.__version__
+
+
+def test_output_conv_starts_as_the_plain_dit_and_adds_a_3x3_residual() -> None:
+    plain, with_conv = randomize(tiny()), tiny(output_conv=True)
+    assert with_conv.output_conv.weight.abs().sum() == 0 and with_conv.output_conv.bias.abs().sum() == 0
+    missing = with_conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["output_conv.bias", "output_conv.weight"]
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2])
+    plain.eval(), with_conv.eval()
+    assert torch.equal(with_conv(x, t, y), plain(x, t, y))  # zero-initialised residual: the same function
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        with_conv.output_conv.weight.copy_(torch.randn(with_conv.output_conv.weight.shape, generator=gen))
+        with_conv.output_conv.bias.copy_(torch.randn(6, generator=gen))
+    base = plain(x, t, y)  # [B, 2C, I, I] before the convolution
+    expected = base + F.conv2d(base, with_conv.output_conv.weight, with_conv.output_conv.bias, padding=1)
+    torch.testing.assert_close(with_conv(x, t, y), expected)
+    assert infer_dit_config(with_conv.state_dict())["output_conv"] is True
+    assert "output_conv" not in infer_dit_config(plain.state_dict())

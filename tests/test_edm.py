@@ -527,3 +527,21 @@ def test_cli_refuses_a_malicious_checkpoint_with_one_line(shapes_zip: Path, tmp_
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and not marker.exists()
     assert err.count("\n") == 1 and "refused to load the global" in err and str(evil) in err
+
+
+@pytest.mark.parametrize("cls", ["EDMDiffusion", "Diffusion"])
+def test_compile_wraps_the_net_without_copying_it(cls: str) -> None:
+    # torch.compile is lazy: building the wrapper compiles nothing, so this stays fast.
+    from diffusion_transfer.methods import Diffusion
+
+    if cls == "EDMDiffusion":
+        eager, compiled = tiny_model(), tiny_model(compile=True)
+    else:
+        args = {"arch": "DiT-S/4", "arch_overrides": {"hidden_size": 32, "depth": 1, "num_heads": 2},
+                "num_classes": 2, "resolution": 8, "channels": 3}
+        eager, compiled = Diffusion(**args), Diffusion(**args, compile=True)
+    assert eager.denoiser is eager.net
+    wrapper = compiled.denoiser
+    assert wrapper is not compiled.net and wrapper._orig_mod is compiled.net and compiled.denoiser is wrapper
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no second copy of the weights
+    assert compiled.hparams["compile"] is True

@@ -163,7 +163,8 @@ def infer_dit_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     """Guess a DiT's architecture from state-dict shapes (for error messages and tools).
 
     Returns any of ``depth``, ``hidden_size``, ``in_channels``, ``patch_size``, ``input_size``,
-    ``learn_sigma``, ``table_rows`` that the shapes determine. ``num_heads`` cannot be read from shapes.
+    ``learn_sigma``, ``output_conv``, ``table_rows`` that the shapes determine. ``num_heads`` cannot be read from
+    shapes.
     ``table_rows`` is ``num_classes + 1`` for models trained with class dropout (usual; 1001 for ImageNet).
     """
     cfg: dict[str, Any] = {}
@@ -185,6 +186,8 @@ def infer_dit_config(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     if final is not None and "patch_size" in cfg:
         out_channels = final.shape[0] // cfg["patch_size"] ** 2
         cfg["learn_sigma"] = out_channels == 2 * cfg["in_channels"]
+    if "output_conv.weight" in state_dict:
+        cfg["output_conv"] = True
     return cfg
 
 

@@ -61,6 +61,8 @@ class DiffusionLightningBase(L.LightningModule):
             classes the checkpoint lacks start fresh) or ``reinit`` (a fresh table). Fresh rows always train, even
             in an otherwise frozen net (:meth:`label_table_fitted`). DiffTuning defaults to ``reuse``, FineDiffusion
             to its paper's fresh table.
+        compile: run the net through ``torch.compile`` (:attr:`denoiser`) in training and sampling. Measured on
+            this project's 2-core CPU it was slower than eager bf16 for the U-Nets (``docs/results.md``), so off.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class DiffusionLightningBase(L.LightningModule):
         train_seed: int = 0,
         sample_precision: str = "trainer",
         label_table: str = "strict",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if sample_precision not in SAMPLE_PRECISIONS:
@@ -92,6 +95,17 @@ class DiffusionLightningBase(L.LightningModule):
         self.val_seed = val_seed
         self.train_seed = train_seed
         self.sample_precision = sample_precision
+        self._compile = compile
+        self._compiled: Any = None
+
+    @property
+    def denoiser(self) -> Any:
+        """``self.net``, or its ``torch.compile`` wrapper (kept outside the module tree: no duplicate weights)."""
+        if not self._compile:
+            return self.net
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+        return self._compiled
 
     # ------------------------------------------------------------------------------------ to override
 

@@ -127,7 +127,7 @@ class Diffusion(DiffusionLightningBase):
         vae: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(compile=compile, **kwargs)
         # Plain strings, so checkpoints load with torch.load(weights_only=True) (a Path would not).
         checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         vae = None if vae is None else os.fspath(vae)
@@ -143,19 +143,8 @@ class Diffusion(DiffusionLightningBase):
                          "guidance_channels": guidance_channels, "eta": eta,
                          "clip_denoised": vae is None if clip_denoised is None else bool(clip_denoised)}
         self._respaced: dict[tuple[int, str], GaussianDiffusion] = {}
-        self._compile = compile
-        self._compiled: Any = None
         self.vae = vae
         self._codec: Any = None
-
-    @property
-    def denoiser(self) -> Callable[..., Tensor]:
-        """The net, or its ``torch.compile`` wrapper (kept outside the module tree: no duplicate weights)."""
-        if not self._compile:
-            return self.net
-        if self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self.net))
-        return self._compiled
 
     def to_images(self, samples: Tensor) -> Tensor:
         if self.vae is None:

@@ -217,6 +217,8 @@ class EDMDiffusion(DiffusionLightningBase):
         guidance_scale: s in D_u + s (D_c - D_u) (1 = none).
         allow_tf32: TF32 matmuls and convolutions on CUDA (EDM: off, for reproducible numerics); set when the
             module is set up.
+        compile: ``torch.compile`` the net (:attr:`DiffusionLightningBase.denoiser`); off: on the 2-core CPU it
+            was slower than eager bf16 for DDPM++ (``docs/results.md``).
         **kwargs: :class:`DiffusionLightningBase` arguments (num_classes, resolution, channels, optimizer, ...).
     """
 
@@ -243,9 +245,10 @@ class EDMDiffusion(DiffusionLightningBase):
         S_noise: float = 1.0,
         guidance_scale: float = 1.0,
         allow_tf32: bool = False,
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(compile=compile, **kwargs)
         # A plain string, so checkpoints load with torch.load(weights_only=True) (a Path would not).
         checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -298,7 +301,7 @@ class EDMDiffusion(DiffusionLightningBase):
     def loss(self, batch: Any) -> dict[str, Tensor]:
         x0, labels = batch
         y, augment_labels = self.augment(x0)
-        return edm_loss(self.net, self.process, y, labels if self.num_classes else None, augment_labels)
+        return edm_loss(self.denoiser, self.process, y, labels if self.num_classes else None, augment_labels)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # EDM's gradient cleanup: a rare non-finite gradient entry must not poison Adam's moments.
@@ -311,11 +314,11 @@ class EDMDiffusion(DiffusionLightningBase):
     def guided_denoiser(self, labels: Tensor, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
         """``denoiser(x, sigma)``: D(x; σ, y); with guidance, one doubled batch ``[x; x]`` with labels ``[y; none]``."""
         if guidance_scale == 1.0 or self.num_classes == 0:
-            return lambda x, sigma: self.process.denoise(self.net, x, sigma, labels)
+            return lambda x, sigma: self.process.denoise(self.denoiser, x, sigma, labels)
         none = torch.full_like(labels, -1)
 
         def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
-            both = self.process.denoise(self.net, torch.cat([x, x]), torch.cat([sigma, sigma]),
+            both = self.process.denoise(self.denoiser, torch.cat([x, x]), torch.cat([sigma, sigma]),
                                         torch.cat([labels, none]))
             cond, uncond = both.chunk(2)
             return apply_guidance(cond, uncond, guidance_scale)
