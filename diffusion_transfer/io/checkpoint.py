@@ -260,8 +260,9 @@ def check_group_norms(current: Mapping[str, tuple[int, int]], stored: Mapping[st
         return
     name, channels, groups, theirs = wrong[0]
     rule = next((m for m in (1, 4) if min(32, channels // m) == theirs), None)
-    fix = (f"set model.init_args.arch_overrides.min_channels_per_group: {rule}" if rule is not None
-           else "build the model with the checkpoint's GroupNorm groups")
+    fix = (f"set model.init_args.arch_overrides.min_channels_per_group: {rule} (with --ckpt_path, on the command "
+           "line and in the whole arch_overrides dict: a checkpoint's stored settings override the config file)"
+           if rule is not None else "build the model with the checkpoint's GroupNorm groups")
     when = "" if stored is not None else " (a file saved before group counts were recorded: EDM's min(32, C/4) rule)"
     raise CheckpointError(f"{file or 'the checkpoint'}: its U-Net normalises {name} ({channels} channels) in {theirs} "
                           f"groups{when}, this model in {groups} ({len(wrong)} GroupNorms differ), so its weights "
