@@ -452,8 +452,9 @@ def test_ddpm_unet_has_pytorch_ddpms_32_groups_and_edms_rule_only_when_asked(tmp
     # The option gives EDM's rule, another function of the same weights, so the loader refuses the file for it.
     edm_rule = DDPMUNet(8, 3, 3, min_channels_per_group=4, **arch).eval()
     assert groups(edm_rule) == {64: {16}, 128: {32}, 192: {32}, 256: {32}}
-    with pytest.raises(UNetCheckpointError, match="ckpt.pt is a pytorch-ddpm .* 64 channels in 16 groups.*"
-                                                  "min_channels_per_group 1"):
+    with pytest.raises(UNetCheckpointError, match=r"ckpt.pt: its U-Net normalises \S+ \(64 channels\) in 32 groups "
+                                                  r"\(a pytorch-ddpm .*\), this model in 16 .*"
+                                                  "min_channels_per_group: 1$"):
         load_unet_checkpoint(edm_rule, tmp_path / "ckpt.pt")
     edm_rule.load_state_dict(net.state_dict())
     with torch.no_grad():

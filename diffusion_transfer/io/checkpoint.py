@@ -239,14 +239,19 @@ def group_norm_layout(module: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def check_group_norms(current: Mapping[str, tuple[int, int]], stored: Mapping[str, int] | None,
-                      file: str | os.PathLike[str] | None) -> None:
+                      file: str | os.PathLike[str] | None, *, origin: str | None = None,
+                      error: type[CheckpointError] = CheckpointError) -> None:
     """Refuse a checkpoint whose U-Net GroupNorms had other group counts than the model's.
 
     Args:
         current: the model's U-Net GroupNorms, ``{name: (channels, groups)}`` (:func:`group_norm_layout`).
-        stored: the file's ``GROUP_NORMS_KEY`` record ``{name: groups}``; None for a file saved before the record
-            existed, when every U-Net GroupNorm had min(32, C // 4) groups (EDM's rule), which is then checked.
+        stored: the file's group counts ``{name: groups}``: our ``GROUP_NORMS_KEY`` record, or what a foreign
+            format implies (``origin``); None for one of our files saved before the record existed, when every
+            U-Net GroupNorm had min(32, C // 4) groups (EDM's rule), which is then checked.
         file: named in the error.
+        origin: what the file is when its counts come from its format (e.g. "a pytorch-ddpm / CBDM / T2H
+            checkpoint, GroupNorm(32) everywhere"); None for our own ``.ckpt``.
+        error: the error class raised.
 
     Raises:
         CheckpointError: one line: the first differing GroupNorm and the ``min_channels_per_group`` that rebuilds
@@ -260,10 +265,12 @@ def check_group_norms(current: Mapping[str, tuple[int, int]], stored: Mapping[st
         return
     name, channels, groups, theirs = wrong[0]
     rule = next((m for m in (1, 4) if min(32, channels // m) == theirs), None)
-    fix = (f"set model.init_args.arch_overrides.min_channels_per_group: {rule} (with --ckpt_path, on the command "
-           "line and in the whole arch_overrides dict: a checkpoint's stored settings override the config file)"
-           if rule is not None else "build the model with the checkpoint's GroupNorm groups")
-    when = "" if stored is not None else " (a file saved before group counts were recorded: EDM's min(32, C/4) rule)"
-    raise CheckpointError(f"{file or 'the checkpoint'}: its U-Net normalises {name} ({channels} channels) in {theirs} "
-                          f"groups{when}, this model in {groups} ({len(wrong)} GroupNorms differ), so its weights "
-                          f"would compute another function; {fix}")
+    resume = ("" if origin else " (with --ckpt_path, on the command line and in the whole arch_overrides dict: a "
+              "checkpoint's stored settings override the config file)")
+    fix = (f"set model.init_args.arch_overrides.min_channels_per_group: {rule}{resume}" if rule is not None
+           else "build the model with the checkpoint's GroupNorm groups")
+    when = (f" ({origin})" if origin else "" if stored is not None
+            else " (a file saved before group counts were recorded: EDM's min(32, C/4) rule)")
+    raise error(f"{file or 'the checkpoint'}: its U-Net normalises {name} ({channels} channels) in {theirs} "
+                f"groups{when}, this model in {groups} ({len(wrong)} GroupNorms differ), so its weights "
+                f"would compute another function; {fix}")

@@ -78,7 +78,7 @@ class ConfigStub:
         return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        """Accept whatever arguments the pickle passes (``__new__`` keeps them) and build nothing."""
 
     def __setstate__(self, state: Any) -> None:
         self.state = state

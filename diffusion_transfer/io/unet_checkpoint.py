@@ -324,17 +324,6 @@ def _conditioning_hint(state: Mapping[str, Tensor], target: Mapping[str, Tensor]
             "input with label_table: reinit.")
 
 
-def _check_ddpm_groups(net: nn.Module, file: Path) -> None:
-    """pytorch-ddpm / CBDM / T2H nets normalise with GroupNorm(32) everywhere; the group count is in no state dict,
-    so a net built with another rule would load these weights without error and compute another function."""
-    other = sorted({f"{m.num_channels} channels in {m.num_groups} groups" for m in net.modules()
-                    if isinstance(m, nn.GroupNorm) and m.num_groups != 32})
-    if other:
-        raise UNetCheckpointError(f"{file} is a pytorch-ddpm / CBDM / T2H checkpoint, whose GroupNorms have 32 groups, "
-                                  f"but the net has {', '.join(other)}: build it with min_channels_per_group 1 "
-                                  "(DDPMUNet's default), not EDM's 4")
-
-
 def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer: str = "ema", entry: str = "ema",
                          label_table: str = "strict") -> UNetLoadReport:
     """Load a U-Net file (see the module docstring) into ``net`` in place, keys and shapes strictly equal.
@@ -376,9 +365,11 @@ def load_unet_checkpoint(net: nn.Module, path: str | os.PathLike[str], *, prefer
     fit = _fit_unet_labels(net, state, label_table, file, resolution_known=not source.startswith("ddpm:"))
     hint += _conditioning_hint(state, target)
     check_state_dict(net, state, file, source, hint)
-    if source.startswith("ddpm:"):
-        _check_ddpm_groups(net, file)
+    layout = group_norm_layout(net)
+    if source.startswith("ddpm:"):  # pytorch-ddpm's nets normalise with GroupNorm(32) at every width
+        check_group_norms(layout, dict.fromkeys(layout, 32), file, error=UNetCheckpointError,
+                          origin="a pytorch-ddpm / CBDM / T2H checkpoint, GroupNorm(32) everywhere")
     elif source == "lightning":  # our .ckpt: its recorded group counts (or, older files, EDM's rule)
-        check_group_norms(group_norm_layout(net), group_norms, file)
+        check_group_norms(layout, group_norms, file)
     net.load_state_dict(state)
     return UNetLoadReport(path=str(file), source=source, network=network, label_table=fit)
