@@ -85,6 +85,15 @@ def test_timestep_laws_match_the_formulas() -> None:
     assert abs(uniform.draw_timesteps(n, uniform.target_law, torch.device("cpu")).double().mean() - 499.5) < 1.5
 
 
+def test_low_noise_scale_is_the_base_law_and_difftuning_refuses_it() -> None:
+    """Diffusion's low_noise_scale is Diff-Tuning's replay law on every training row; DiffTuning keeps its own laws."""
+    base = Diffusion(arch="DiT-S/8", arch_overrides={"hidden_size": 32, "depth": 1, "num_heads": 2}, resolution=16,
+                     num_classes=4, low_noise_scale=0.5, val_num_images=0)
+    assert torch.allclose(base.process.timestep_probs, timestep_law(1000, 0.5, reverse=True))
+    with pytest.raises(ConfigError, match="not low_noise_scale"):
+        tiny(low_noise_scale=1.0)
+
+
 def test_batch_split_over_ranks() -> None:
     assert replay_share(32, 0.2) == 6  # 26 target + 6 replay, as the reference
     for world, batch in ((4, 8), (3, 11), (2, 16)):

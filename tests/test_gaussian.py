@@ -16,6 +16,7 @@ from diffusion_transfer.diffusion.gaussian import (
     discretized_gaussian_log_likelihood,
     get_beta_schedule,
     space_timesteps,
+    timestep_law,
 )
 from diffusion_transfer.diffusion.guidance import apply_guidance
 
@@ -392,6 +393,39 @@ def test_tables_stay_float64_and_out_of_state_dict():
     assert len(d.state_dict()) == 0
     x = torch.zeros(2, 1, 2, 2, dtype=torch.float16)
     assert d.q_sample(x, torch.tensor([0, 1])).dtype == torch.float16
+
+
+def test_low_noise_law_of_training_timesteps():
+    """P(t) ∝ (T - t)^s: its mean is Σ t (T-t)^s / Σ (T-t)^s, the draws follow it, s = 0 is torch.randint."""
+    from scipy.stats import chisquare
+
+    T, n = 1000, 400_000
+    uniform = GaussianDiffusion(T)
+    assert uniform.timestep_probs is None
+    # s = 0 keeps the old draws bit for bit (runs trained before the option reproduce).
+    assert torch.equal(uniform.sample_timesteps(64, gen(3)), torch.randint(0, T, (64,), generator=gen(3)))
+    for s in (1.0, 2.0):
+        d = GaussianDiffusion(T, low_noise_scale=s)
+        t = torch.arange(T, dtype=F64)
+        weights = (T - t) ** s
+        assert torch.allclose(d.timestep_probs, weights / weights.sum())
+        assert torch.allclose(d.timestep_probs, timestep_law(T, s, reverse=True))
+        draws = d.sample_timesteps(n, gen(0))
+        assert draws.dtype == torch.int64 and int(draws.min()) >= 0 and int(draws.max()) < T
+        mean = float((weights * t).sum() / weights.sum())  # s = 1: (T - 1) / 3 = 333
+        assert abs(draws.double().mean().item() - mean) < 2.0
+        counts = torch.bincount(draws, minlength=T).numpy()
+        assert chisquare(counts, d.timestep_probs.numpy() * n).pvalue > 1e-3
+        assert chisquare(counts, [n / T] * T).pvalue < 1e-12  # and the test can tell it from uniform
+        assert torch.equal(d.sample_timesteps(8, gen(5)), d.sample_timesteps(8, gen(5)))
+    assert abs(float((timestep_law(T, 1.0, reverse=True) * torch.arange(T)).sum()) - (T - 1) / 3) < 1e-9
+    # The law stays float64 under casts, out of the state dict, and respaced (sampling) processes drop it.
+    d = GaussianDiffusion(T, low_noise_scale=1.0).to(torch.bfloat16)
+    assert d.timestep_probs.dtype == F64 and len(d.state_dict()) == 0
+    assert d.respace(50).timestep_probs is None
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="low_noise_scale"):
+            GaussianDiffusion(T, low_noise_scale=bad)
 
 
 # ------------------------------------------------------------------------------------------- guidance

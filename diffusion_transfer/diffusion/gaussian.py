@@ -38,6 +38,7 @@ __all__ = [
     "get_beta_schedule",
     "mean_flat",
     "normal_kl",
+    "timestep_law",
     "space_timesteps",
 ]
 
@@ -178,6 +179,18 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 # -------------------------------------------------------------------------------------------- process
 
 
+def timestep_law(num_timesteps: int, scale: float, reverse: bool = False) -> Tensor:
+    """Categorical law of t in 0..T-1: P(t) ∝ (t + 1)^s, or P(t) ∝ (T - t)^s with ``reverse``. float64 ``[T]``.
+
+    s = 0 is the uniform law. With s = 1 and T = 1000 the means are (2T + 1) / 3 - 1 = 666 and (T - 1) / 3 = 333;
+    the reversed law's mean is about T / (s + 2) in general. Diffusion Tuning's target and replay laws, and
+    :class:`GaussianDiffusion`'s ``low_noise_scale``.
+    """
+    weights = torch.arange(1, num_timesteps + 1, dtype=torch.float64) ** scale  # i = t + 1
+    weights = weights.flip(0) if reverse else weights  # T - t = i reversed
+    return weights / weights.sum()
+
+
 class GaussianDiffusion(nn.Module):
     """Gaussian diffusion process (no weights): forward noising, posterior, losses, DDPM/DDIM samplers.
 
@@ -193,6 +206,9 @@ class GaussianDiffusion(nn.Module):
             ``"learned_range"`` (IDDPM/DiT: the net outputs 2C channels and the loss is MSE + VB).
         betas: explicit β (any length N, values in (0, 1]); overrides ``schedule``/``num_timesteps``.
         timestep_map: original timestep of each index, int64 [N]; defaults to 0..N-1. Set by :meth:`respace`.
+        low_noise_scale: s of the training law of :meth:`sample_timesteps`, P(t) ∝ (N - t)^s
+            (:func:`timestep_law` reversed). 0 (default) is the uniform t of DDPM/DiT; s > 0 draws low-noise
+            steps more often (mean t ≈ N / (s + 2): 333 of 1000 at s = 1). Sampling never uses it.
     """
 
     betas: Tensor
@@ -207,6 +223,7 @@ class GaussianDiffusion(nn.Module):
     log_betas: Tensor
     fixedlarge_log_variance: Tensor
     timestep_map: Tensor
+    timestep_probs: Tensor | None
 
     def __init__(
         self,
@@ -217,8 +234,12 @@ class GaussianDiffusion(nn.Module):
         *,
         betas: Tensor | Sequence[float] | None = None,
         timestep_map: Tensor | Sequence[int] | None = None,
+        low_noise_scale: float = 0.0,
     ) -> None:
         super().__init__()
+        if not math.isfinite(low_noise_scale) or low_noise_scale < 0:
+            raise ValueError(f"low_noise_scale must be a finite number >= 0, got {low_noise_scale}")
+        self.low_noise_scale = float(low_noise_scale)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if variance not in VARIANCES:
@@ -263,10 +284,14 @@ class GaussianDiffusion(nn.Module):
         buf("log_betas", b.log())
         buf("fixedlarge_log_variance", large_var.log())
         buf("timestep_map", tmap)
+        # None for the uniform default, which draws with torch.randint exactly as before.
+        self.register_buffer("timestep_probs", timestep_law(n, self.low_noise_scale, reverse=True)
+                             if self.low_noise_scale else None, persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_timesteps={self.num_timesteps}, original_num_timesteps={self.original_num_timesteps}, "
-                f"schedule={self.schedule!r}, prediction={self.prediction!r}, variance={self.variance!r}")
+                f"schedule={self.schedule!r}, prediction={self.prediction!r}, variance={self.variance!r}"
+                + (f", low_noise_scale={self.low_noise_scale}" if self.low_noise_scale else ""))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
         # Follow device moves but never dtype casts: the tables lose ~3 digits in float32 near t = 0 and
@@ -319,9 +344,16 @@ class GaussianDiffusion(nn.Module):
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> Tensor:
-        """Training timestep indices t ~ Uniform{0, ..., N-1}: int64 [batch] on ``device``."""
+        """Training timestep indices: int64 [batch] on ``device``.
+
+        t ~ Uniform{0, ..., N-1}, or P(t) ∝ (N - t)^s with ``low_noise_scale`` s > 0.
+        """
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        if self.timestep_probs is None:
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        else:
+            probs = self.timestep_probs if gen_device is None else self.timestep_probs.to(gen_device)
+            t = torch.multinomial(probs, batch, replacement=True, generator=generator)
         return t.to(device)
 
     def split_output(self, model_output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:

@@ -25,23 +25,13 @@ from torch import Tensor
 
 from ..data.archive import DatasetError
 from ..data.replay import ReplayBank
-from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion.gaussian import GaussianDiffusion, timestep_law
 from ..errors import ConfigError
 from ..io.dit_checkpoint import load_dit_checkpoint
 from ..nets.peft import keys_not_in_dit, preset_arch, select_trainable
 from .diffusion import Diffusion
 
 T_LAWS = ("categorical", "uniform")
-
-
-def timestep_law(num_timesteps: int, scale: float, reverse: bool = False) -> Tensor:
-    """Categorical law of t in 0..T-1: P(t) ∝ (t + 1)^s, or P(t) ∝ (T - t)^s with ``reverse``. float64 ``[T]``.
-
-    With s = 1 and T = 1000 the means are (2T + 1) / 3 - 1 = 666 and (T - 1) / 3 = 333.
-    """
-    weights = torch.arange(1, num_timesteps + 1, dtype=torch.float64) ** scale  # i = t + 1
-    weights = weights.flip(0) if reverse else weights  # T - t = i reversed
-    return weights / weights.sum()
 
 
 def replay_share(batch: int, ratio: float, world: int = 1, rank: int = 0) -> int:
@@ -139,6 +129,9 @@ class DiffTuning(Diffusion):
         replay_bank = None if replay_bank is None else os.fspath(replay_bank)
         arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None), difffit_scales)
         super().__init__(arch_overrides=arch, label_table=label_table, **kwargs)
+        if self.process.low_noise_scale:
+            raise ConfigError("DiffTuning draws t from its own laws: set prob_scale / replay_prob_scale / t_law, "
+                              "not low_noise_scale")
         if t_law not in T_LAWS:
             raise ConfigError(f"unknown t_law '{t_law}'; choose one of {', '.join(T_LAWS)}")
         if replay_weight < 0:

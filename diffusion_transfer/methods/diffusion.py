@@ -92,6 +92,10 @@ class Diffusion(DiffusionLightningBase):
         learn_sigma: learned-range variance with the hybrid loss (DiT: True); False = fixed variance, MSE.
         schedule: ``linear`` (DiT) or ``cosine``. prediction: ``epsilon``, ``x0`` or ``v``.
         num_timesteps: T (1000).
+        low_noise_scale: s of the training law of t, P(t) ∝ (T - t)^s (Diff-Tuning's replay law). 0 (default) is
+            DDPM/DiT's uniform t. s > 0 spends more steps at low noise (mean t ≈ T / (s + 2): 333 at s = 1), where a
+            transfer that keeps the layout and changes fine detail (strokes, texture) has to learn; the shapes demo
+            reaches the same quality with half the images at s = 1 (docs/results.md, "The transfer stage").
         sampler: ``ddpm`` (ancestral) or ``ddim``. sample_steps: respaced steps (DiT: 250).
         guidance_scale: classifier-free guidance s in ``u + s (c - u)`` (1 = none; DiT: 1.5 FID, 4.0 pictures).
         guidance_channels: guide only the first k channels (3 reproduces DiT); None guides all.
@@ -117,6 +121,7 @@ class Diffusion(DiffusionLightningBase):
         schedule: str = "linear",
         prediction: str = "epsilon",
         num_timesteps: int = 1000,
+        low_noise_scale: float = 0.0,
         sampler: str = "ddpm",
         sample_steps: int = 250,
         guidance_scale: float = 1.0,
@@ -137,7 +142,8 @@ class Diffusion(DiffusionLightningBase):
         self.net = build_backbone(arch, self.resolution, self.channels, self.num_classes, class_dropout_prob,
                                   learn_sigma, arch_overrides)
         self.process = GaussianDiffusion(num_timesteps, schedule, prediction,
-                                         "learned_range" if learn_sigma else "fixedlarge")
+                                         "learned_range" if learn_sigma else "fixedlarge",
+                                         low_noise_scale=low_noise_scale)
         self.checkpoint = checkpoint
         self.sampling = {"sampler": sampler, "steps": sample_steps, "guidance_scale": guidance_scale,
                          "guidance_channels": guidance_channels, "eta": eta,
