@@ -94,23 +94,42 @@ def dit_source() -> Path:
     return final
 
 
+def low_noise(scale: float) -> list[str]:
+    """The training law P(t) ∝ (T - t)^s (``low_noise_scale``; 0 = uniform t)."""
+    return ["--model.init_args.low_noise_scale", str(scale)]
+
+
+#: The quickstart before 2026-12-07 (uniform t, unfused AdamW): the earlier ``transfer*`` rows keep it.
+UNIFORM_T = low_noise(0.0) + ["--model.init_args.optimizer.init_args.fused", "false"]
+BATCH_32 = ["--data.init_args.batch_size", "32"]
+
 #: name -> (max_steps, overrides of configs/quickstart.yaml): transfers of the cached "filled" U-Net
 #: (runs/demo/pretrain-unet/final.ckpt) to "outline", as `make demo` runs them.
 TRANSFERS: dict[str, tuple[int, list[str]]] = {
-    "transfer": (1600, []),
-    "transfer-1200": (1200, []),
-    "transfer-cosine-1e-3": (1200, cosine(1e-3, 1200, 50)),
-    "transfer-3200": (3200, []),
-    "transfer-bs32-2400": (2400, ["--data.init_args.batch_size", "32"]),
-    "transfer-bs32-3200-g1.5": (3200, ["--data.init_args.batch_size", "32",
-                                       "--model.init_args.guidance_scale", "1.5"]),
-    "transfer-bs32-lr1e-3-2400": (2400, ["--data.init_args.batch_size", "32"] + lr(1e-3)),
+    "transfer": (1600, UNIFORM_T),
+    "transfer-1200": (1200, UNIFORM_T),
+    "transfer-cosine-1e-3": (1200, UNIFORM_T + cosine(1e-3, 1200, 50)),
+    "transfer-3200": (3200, UNIFORM_T),
+    "transfer-bs32-2400": (2400, UNIFORM_T + BATCH_32),
+    "transfer-bs32-3200-g1.5": (3200, UNIFORM_T + BATCH_32 + ["--model.init_args.guidance_scale", "1.5"]),
+    "transfer-bs32-lr1e-3-2400": (2400, UNIFORM_T + BATCH_32 + lr(1e-3)),
+    # The low-noise law (2026-12-07; rows at several steps come from one run with --eval-every).
+    "transfer-low0.5-bs32-2400": (2400, UNIFORM_T + BATCH_32 + low_noise(0.5)),
+    "transfer-low1-bs32-2400": (2400, UNIFORM_T + BATCH_32 + low_noise(1.0)),
+    "transfer-low2-bs32-1600": (1600, UNIFORM_T + BATCH_32 + low_noise(2.0)),
+    "transfer-low1-bs32-cosine-1600": (1600, UNIFORM_T + BATCH_32 + low_noise(1.0) + [
+        "--model.init_args.lr_scheduler",
+        '{"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 1600}}']),
+    "transfer-low1-1600": (1600, UNIFORM_T + low_noise(1.0)),
+    # configs/quickstart.yaml as it is: s = 1, fused AdamW, 2,000 steps of 64.
+    "transfer-low1-2000": (2000, []),
     # The same transfer of the DiT source above (dit_source): the quickstart recipe on a patch-2 v-prediction DiT.
-    "dit-transfer-3200": (3200, dit(2, 128, 4, 4) + ["--model.init_args.checkpoint", str(DIT_SOURCE / "final.ckpt")]),
+    "dit-transfer-3200": (3200, UNIFORM_T + dit(2, 128, 4, 4)
+                          + ["--model.init_args.checkpoint", str(DIT_SOURCE / "final.ckpt")]),
 }
 
 
-def run(name: str, args: argparse.Namespace) -> dict:
+def run(name: str, args: argparse.Namespace) -> list[dict]:
     config = "configs/quickstart.yaml" if name in TRANSFERS else "configs/diffusion/shapes16_pretrain.yaml"
     steps, overrides = {**RECIPES, **TRANSFERS}[name]
     if name.startswith("dit-"):
@@ -120,7 +139,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     command = ["fit", "--config", config, *CPU_QUIET, *overrides,
                "--data.init_args.path", str(args.data), "--seed_everything", str(args.seed),
                "--model.init_args.train_seed", str(args.seed),
-               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(args.eval_every or steps),
                "--trainer.default_root_dir", str(work), "--trainer.callbacks", "[]",
                "--model.init_args.val_num_images", "40",
                "--metrics.feature_network", str(args.features), "--metrics.num_images", str(args.num_images),
@@ -131,13 +150,19 @@ def run(name: str, args: argparse.Namespace) -> dict:
     trainer = build_cli(command).trainer
     minutes = (time.perf_counter() - start) / 60
     val_loss = trainer.callback_metrics.get("val/loss")
-    reports = sorted(work.rglob("metrics-val-step*.json"), key=lambda p: p.stat().st_mtime)
-    results = json.loads(reports[-1].read_text())["metrics"]
-    grids = sorted(work.rglob("samples/step*.png"), key=lambda p: p.stat().st_mtime)
-    return {"recipe": name, "seed": args.seed, "steps": steps, "overrides": overrides, "minutes": minutes,
-            "trainer_precision": str(trainer.precision), "val_loss": None if val_loss is None else float(val_loss),
-            "grid": str(grids[-1]) if grids else None,
-            **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}}
+    rows = []
+    # One row per evaluation (--eval-every); minutes and the validation loss belong to the whole run.
+    for report in sorted(work.rglob("metrics-val-step*.json"), key=lambda p: p.stat().st_mtime):
+        results = json.loads(report.read_text())["metrics"]
+        at = int(report.stem.rsplit("step", 1)[1])
+        grid = report.parent / "samples" / f"step{at:07d}.png"
+        rows.append({"recipe": name, "seed": args.seed, "steps": at, "run_steps": steps, "overrides": overrides,
+                     "eval_every": args.eval_every, "minutes": minutes if at == steps else None,
+                     "trainer_precision": str(trainer.precision),
+                     "val_loss": None if val_loss is None or at != steps else float(val_loss),
+                     "grid": str(grid) if grid.exists() else None,
+                     **{k: results.get(k) for k in ("accuracy", "precision", "recall", "fid")}})
+    return rows
 
 
 def resample(name: str, args: argparse.Namespace) -> dict:
@@ -164,14 +189,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/demo_recipe"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_recipe.jsonl"))
     parser.add_argument("--resample", default=None, help="JSON sampling options: re-evaluate trained recipes only")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="evaluate every N steps as well, one row each (training noise is seeded per step, "
+                             "so the extra evaluations do not change the training)")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.recipes.split(","):
-        row = resample(name, args) if args.resample else run(name, args)
-        with args.out.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        print(f"| {name} | {row.get('steps', args.resample)} | {row['accuracy']:.3f} | {row['precision']:.3f} | "
-              f"{row['recall']:.3f} | {row['fid']:.2f} | {row['minutes']:.1f} | {row.get('grid')} |", flush=True)
+        for row in [resample(name, args)] if args.resample else run(name, args):
+            with args.out.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+            minutes = "" if row["minutes"] is None else f"{row['minutes']:.1f}"
+            print(f"| {name} | {row.get('steps', args.resample)} | {row['accuracy']:.3f} | {row['precision']:.3f} | "
+                  f"{row['recall']:.3f} | {row['fid']:.2f} | {minutes} | {row.get('grid')} |", flush=True)
 
 
 if __name__ == "__main__":
