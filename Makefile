@@ -33,14 +33,14 @@ $(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
 $(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain_unet.yaml
 
-# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DiffTuning, DMP, FineDiffusion).
+# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DMP, FineDiffusion).
 # The long-tail configs fine-tune the demo's U-Net, as the papers use the DDPM U-Net.
 $(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
-# Diffusion Tuning's replay bank: 10,000 samples of the DiT source model (configs/difftuning/bank.yaml).
-$(DEMO_DIR)/difftuning-bank/bank.zip: $(DEMO_DIR)/pretrain-dit/final.ckpt
-	$(VENV)/bin/diffusion-transfer predict --config configs/difftuning/bank.yaml --ckpt_path $(DEMO_DIR)/pretrain-dit/final.ckpt
+# Diffusion Tuning's replay bank: 2,000 samples of the demo's U-Net source (configs/difftuning/bank.yaml).
+$(DEMO_DIR)/difftuning-bank/bank.zip: $(DEMO_DIR)/pretrain-unet/final.ckpt
+	$(VENV)/bin/diffusion-transfer predict --config configs/difftuning/bank.yaml
 
 # The EDM teacher of configs/diff_instruct/shapes.yaml, and the EDM source model of README "Your own data".
 runs/edm/shapes/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip

@@ -7,6 +7,7 @@ import path, so they import this module as ``common``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -33,12 +34,13 @@ def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list
 
 
 def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, work: Path, num_images: int = 200,
-             sampling: str | None = None) -> dict:
+             sampling: str | None = None, extra: Sequence[str] = ()) -> dict:
     """Sample metrics of ``checkpoint`` (a ``fit`` of ``config``) by ``diffusion-transfer validate``.
 
     ``num_images`` class-balanced samples at seeds 100000 on (never used in training), drawn as the config's
     ``metrics.sampling`` says unless ``sampling`` (JSON) is given, scored by the target's FeatureClassifier
     ``features``: FID, precision/recall (k = 3), class accuracy. The run (and its metrics.json) lives in ``work``.
+    ``extra``: more command-line options (e.g. the arch settings of a checkpoint saved by an older version).
     Returns the report's ``metrics`` dict.
     """
     cli(["validate", "--config", str(config), "--ckpt_path", str(checkpoint), *CPU_QUIET,
@@ -46,5 +48,5 @@ def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, w
          "--metrics.feature_network", str(features), "--metrics.num_images", str(num_images),
          "--metrics.seed", "100000", "--metrics.per_class", "false", "--metrics.precision_recall", "true",
          "--metrics.output", "metrics.json",
-         *(["--metrics.sampling", sampling] if sampling else [])])
+         *(["--metrics.sampling", sampling] if sampling else []), *extra])
     return json.loads((work / "metrics.json").read_text())["metrics"]

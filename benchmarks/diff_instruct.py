@@ -7,7 +7,8 @@
 Protocol:
 1. the teacher: configs/edm/shapes.yaml (a small class-conditional EDM U-Net) trained on the "outline" shapes
    (``runs/demo/shapes-outline-16.zip``, the feature network's domain) for ``--teacher-steps`` steps; an existing
-   ``<work>/teacher-outline.ckpt`` is reused;
+   ``<work>/teacher-outline.ckpt`` is reused; or ``--teacher PATH``, a teacher trained elsewhere, e.g. the
+   shapes config's on "filled" (then pass ``--data`` and ``--feature-network`` of that domain);
 2. for each seed s: Diff-Instruct (configs/diff_instruct/shapes.yaml, generator = the teacher applied once at
    σ_init = 1) for ``--iterations`` iterations (2 optimizer steps each), training seed s; data-free: the data
    module only supplies labels;
@@ -79,6 +80,9 @@ def images_per_second(model: DiffInstruct, batch: int, repeats: int, **sampling)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-steps", type=int, default=600, help="EDM teacher training steps (batch 32)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="an existing EDM teacher checkpoint (e.g. runs/edm/shapes/final.ckpt, `make "
+                             "runs/edm/shapes/final.ckpt`) instead of training one on --data")
     parser.add_argument("--iterations", type=int, default=100, help="Diff-Instruct iterations per seed (batch 32)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--num-images", type=int, default=500, help="generated images per FID")
@@ -104,9 +108,13 @@ def main() -> None:
             raise SystemExit(f"{path} is missing; build the demo data and feature network first (see the header)")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
-    args.teacher = args.work / "teacher-outline.ckpt"
+    given_teacher = args.teacher is not None
+    if given_teacher and not args.teacher.exists():
+        raise SystemExit(f"{args.teacher} is missing; train it first (e.g. make runs/edm/shapes/final.ckpt)")
+    args.teacher = args.teacher or args.work / "teacher-outline.ckpt"
     started = time.time()
-    train_once(TEACHER_CONFIG, args.data, args.teacher, args.teacher_steps, arch, args.work)
+    if not given_teacher:
+        train_once(TEACHER_CONFIG, args.data, args.teacher, args.teacher_steps, arch, args.work)
     teacher_minutes = round((time.time() - started) / 60, 1)
 
     rows: dict[str, list[dict]] = {"Diff-Instruct, one step (1 NFE)": [],

@@ -116,7 +116,7 @@ def main() -> None:
                args.work)
     bank = args.work / "bank.zip"
     if not bank.exists():
-        cli(["predict", "--config", "configs/difftuning/bank.yaml", *arch, *CPU_QUIET, "--ckpt_path",
+        cli(["predict", "--config", "configs/difftuning/bank.yaml", *arch, *CPU_QUIET, "--model.init_args.checkpoint",
              str(args.pretrained), "--data.init_args.path", str(args.source),
              "--data.init_args.predict_seeds", f"0-{args.bank_size - 1}",
              "--model.init_args.sampler", args.bank_sampler, "--model.init_args.sample_steps", str(args.bank_steps),

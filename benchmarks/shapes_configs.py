@@ -1,7 +1,7 @@
 """Every method's shapes config, run as its README section says, then scored on its target domain.
 
     make demo                                           # data, the U-Net source, the "outline" feature network
-    make runs/demo/pretrain-dit/final.ckpt              # the DiT source of the DiT-based configs
+    make runs/demo/pretrain-dit/final.ckpt              # the DiT source of DMP and FineDiffusion
     python benchmarks/shapes_configs.py [--configs quickstart,dmp,...] [--num-images 200]
 
 Each entry runs the commands of its README section (e.g. DiffTuning's replay bank, then its ``fit``) with the
@@ -40,9 +40,8 @@ DOMAINS = {
     "filled": (DEMO / "shapes-filled-16.zip", DEMO / "features-filled"),
     "filled-32": (DEMO / "shapes8-filled-16.zip", DEMO / "features-shapes8"),
 }
-#: DiffTuning's replay bank: samples of the DiT source model (its README section's first command)
-REPLAY_BANK = ["predict", "--config", "configs/difftuning/bank.yaml", "--ckpt_path",
-               str(DEMO / "pretrain-dit/final.ckpt")]
+#: DiffTuning's replay bank: samples of the U-Net source model (its README section's first command)
+REPLAY_BANK = ["predict", "--config", "configs/difftuning/bank.yaml"]
 
 #: name -> (config, target domain, CLI commands that the README runs before the config's ``fit``)
 CONFIGS: dict[str, tuple[str, str, list[list[str]]]] = {

@@ -45,7 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
           "--trainer.callbacks", yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                                   "init_args": {"dirpath": str(tmp), "filename": "pre"}}])])
     main(["predict", "--config", str(REPO / "configs/difftuning/bank.yaml"), *tiny_cli, *CPU,
-          "--ckpt_path", str(tmp / "pre.ckpt"), "--data.init_args.path", str(tmp / "filled.zip"),
+          "--model.init_args.checkpoint", str(tmp / "pre.ckpt"), "--data.init_args.path", str(tmp / "filled.zip"),
           "--data.init_args.predict_seeds", "0-11", "--model.init_args.sample_steps", "2",
           "--writer.output_dir", str(tmp / "bank"), "--writer.zip_path", str(tmp / "bank.zip"),
           "--trainer.default_root_dir", str(tmp)])
@@ -348,3 +348,34 @@ def test_bad_input_is_a_one_line_error(case: str, setup: dict[str, Path], tmp_pa
         _fit(setup, *extra)
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_shapes_configs_run_on_the_unet_source(setup: dict[str, Path], tmp_path: Path) -> None:
+    """bank.yaml and shapes.yaml as shipped (the demo's U-Net, narrowed): a U-Net source, its bank, 2 DiffTuning
+    steps that load it through the U-Net loader; the DiT PEFT presets are refused on the U-Net."""
+    unet = yaml.safe_dump({"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
+                           "dropout": 0.0, "min_channels_per_group": 4})
+    narrow = ["--model.init_args.arch_overrides", unet]
+    save = yaml.safe_dump([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"dirpath": str(tmp_path), "filename": "pre"}}])
+    main(["fit", "--config", str(REPO / "configs/diffusion/shapes16_pretrain_unet.yaml"), *narrow, *CPU,
+          "--data.init_args.path", str(setup["filled"]), "--data.init_args.batch_size", "8",
+          "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
+          "--trainer.check_val_every_n_epoch", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.callbacks", save])
+    main(["predict", "--config", str(REPO / "configs/difftuning/bank.yaml"), *narrow, *CPU,
+          "--model.init_args.checkpoint", str(tmp_path / "pre.ckpt"), "--data.init_args.path", str(setup["filled"]),
+          "--data.init_args.predict_seeds", "0-3", "--model.init_args.sample_steps", "2",
+          "--writer.output_dir", str(tmp_path / "bank"), "--writer.zip_path", str(tmp_path / "bank.zip"),
+          "--trainer.default_root_dir", str(tmp_path)])
+    fit = ["fit", "--config", str(REPO / "configs/difftuning/shapes.yaml"), *narrow, *CPU,
+           "--model.init_args.checkpoint", str(tmp_path / "pre.ckpt"),
+           "--model.init_args.replay_bank", str(tmp_path / "bank.zip"), "--model.init_args.val_num_images", "0",
+           "--data.init_args.path", str(setup["outline"]), "--data.init_args.batch_size", "10",
+           "--metrics.feature_network", "null", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+           "--trainer.callbacks", "[]", "--trainer.logger", "false",
+           "--trainer.default_root_dir", str(tmp_path / "fit")]
+    main(fit)
+    with pytest.raises(ConfigError, match="is a DiT preset; on the U-Net"):
+        DiffTuning(arch="ddpm-cifar10", arch_overrides=yaml.safe_load(unet), num_classes=20, resolution=16,
+                   trainable="bitfit")

@@ -84,10 +84,12 @@ def test_make_targets_are_the_files_their_configs_write() -> None:
     assert len(rules) == 4
     for target, config in rules:
         assert {path for path in _outputs(_config(REPO / config)) if path.endswith(".ckpt")} == {target}
-    # The replay bank's rule predicts with the config that writes it, from the DiT that the DiT rule makes.
-    bank = re.search(r"^(runs/\S+\.zip): (\S+)\n\t.* predict --config (\S+) --ckpt_path (\S+)$", makefile, flags=re.M)
+    # The replay bank's rule predicts with the config that writes it, from the U-Net that the U-Net rule makes (the
+    # bank config reads it as its model.init_args.checkpoint, and the rule depends on that file).
+    bank = re.search(r"^(runs/\S+\.zip): (\S+)\n\t.* predict --config (\S+)$", makefile, flags=re.M)
     assert bank and _outputs(_config(REPO / bank.group(3))) == {bank.group(1)}
-    assert bank.group(2) == bank.group(4) and (bank.group(2), "configs/diffusion/shapes16_pretrain.yaml") in rules
+    source = _config(REPO / bank.group(3))["model"]["init_args"]["checkpoint"]
+    assert bank.group(2) == source and (source, "configs/diffusion/shapes16_pretrain_unet.yaml") in rules
     # `make demo` needs the files the quickstart reads, and predicts from the file it writes.
     quickstart = _config(REPO / "configs/quickstart.yaml")
     needs = re.search(r"^demo: (.*)$", makefile, flags=re.M).group(1).split()

@@ -28,7 +28,9 @@ from ..data.replay import ReplayBank
 from ..diffusion.gaussian import GaussianDiffusion, timestep_law
 from ..errors import ConfigError
 from ..io.dit_checkpoint import load_dit_checkpoint
-from ..nets.peft import keys_not_in_dit, preset_arch, select_trainable
+from ..nets.peft import canonical_preset, keys_not_in_dit, preset_arch, select_trainable
+from ..nets.unet import UNET_CONFIGS
+from ..nets.unet_adapter import DiTCallUNet
 from .diffusion import Diffusion
 
 T_LAWS = ("categorical", "uniform")
@@ -107,7 +109,9 @@ class DiffTuning(Diffusion):
             checkpoint, the extra rows start fresh (the table trains in every preset). ``strict`` / ``reinit``: see
             :class:`~diffusion_transfer.methods.base.DiffusionLightningBase`.
         **kwargs: :class:`Diffusion` arguments (``checkpoint`` is the pre-trained model; ``arch_overrides`` goes on
-            top of the preset's needs).
+            top of the preset's needs). ``arch`` may also name a U-Net (``UNET_CONFIGS``): replay and the two laws
+            do not depend on the network, and the U-Net's null label is its empty label input. On a U-Net,
+            ``trainable`` is ``all`` or a pattern list (the presets are defined on DiT parameter names).
     """
 
     def __init__(
@@ -127,6 +131,10 @@ class DiffTuning(Diffusion):
     ) -> None:
         # A plain string before the base saves hyper-parameters, so checkpoints load with weights_only=True.
         replay_bank = None if replay_bank is None else os.fspath(replay_bank)
+        if kwargs.get("arch") in UNET_CONFIGS and canonical_preset(trainable) not in ("full", None):
+            # The PEFT presets are defined on DiT names (its label table, LayerNorms, branch scales).
+            raise ConfigError(f"trainable {trainable!r} is a DiT preset; on the U-Net {kwargs['arch']!r} use all "
+                              "or a list of parameter-name patterns (e.g. ['unet.*bias', 'unet.map_label.*'])")
         arch = preset_arch(trainable, difffit_depth, kwargs.pop("arch_overrides", None), difffit_scales)
         super().__init__(arch_overrides=arch, label_table=label_table, **kwargs)
         if self.process.low_noise_scale:
@@ -157,7 +165,10 @@ class DiffTuning(Diffusion):
         """The pre-trained DiT, strictly, with its label table fitted to this data's classes (``label_table``).
 
         Only the LN affine / γ that the preset added may be absent from the file (they keep their identity init).
+        A U-Net loads as in :class:`Diffusion` (its files, with the same checks).
         """
+        if isinstance(self.net, DiTCallUNet):
+            return super().load_weights(path)
         report = load_dit_checkpoint(self.net, path, label_table=self.label_table,
                                      allow_missing=keys_not_in_dit(self.net))
         self.label_table_fitted(self.net, report.label_table)
