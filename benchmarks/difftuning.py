@@ -1,23 +1,27 @@
-"""Diffusion Tuning vs standard fine-tuning on a few-shot shapes transfer (filled -> outline), several seeds.
+"""Diffusion Tuning vs standard fine-tuning on a shapes transfer (filled -> outline), several seeds.
 
-    make runs/demo/pretrain-dit/final.ckpt runs/demo/features/final.ckpt
-    python benchmarks/difftuning.py [--per-class 20] [--steps 500] [--seeds 0,1,2] [--bank-size 2000]
+    make runs/demo/pretrain-unet/final.ckpt runs/demo/features/final.ckpt
+    python benchmarks/difftuning.py [--per-class 200] [--steps 3200] [--seeds 0,1,2] [--guidance 1.5,2.0]
+    python benchmarks/difftuning.py --backbone dit       # the same on the DiT source (make runs/demo/pretrain-dit/...)
     python benchmarks/difftuning.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
 Protocol, for each seed s:
-1. the source model: a small DiT pre-trained on "filled" shapes (``runs/demo``, from
-   configs/diffusion/shapes16_pretrain.yaml; trained here with that config when the file is missing);
+1. the source model (``--backbone``): the demo's U-Net pre-trained on "filled" shapes
+   (configs/diffusion/shapes16_pretrain_unet.yaml), or the DiT of configs/diffusion/shapes16_pretrain.yaml; trained
+   here with its config when the file is missing;
 2. the replay bank (once): ``--bank-size`` samples of the source model through ``predict`` with
-   configs/difftuning/bank.yaml (``--bank-sampler``/``--bank-steps``; the spec's 250-step DDPM takes ~10 min per 10k);
-3. the target set: ``--per-class`` "outline" images per class, drawn with seed 1000 + s (a different few-shot set
-   per seed);
+   configs/difftuning/bank.yaml (``--bank-sampler``/``--bank-steps``: DDPM 100 as the config);
+3. the target set: ``--per-class`` "outline" images per class, drawn with seed 1000 + s (a different set per seed);
 4. two fine-tunings from the source model, same data, steps, batch, optimiser, EMA and training seed:
-   standard fine-tuning (configs/quickstart.yaml, ``Diffusion``: uniform t, all rows target) and Diffusion Tuning
-   (configs/difftuning/shapes.yaml: 20% replay rows at weight 0.1, the two t-laws);
-5. FID and class accuracy of ``--num-images`` balanced samples (EMA weights, DDIM 50, guidance 2.0) with the
-   shapes FeatureClassifier, against the full outline data set (``runs/demo/shapes-outline-16.zip``).
-Writes benchmarks/results/difftuning.json (every run, mean and sample std over seeds) and prints Markdown rows for
-docs/results.md.
+   standard fine-tuning (configs/quickstart.yaml with uniform t, ``low_noise_scale: 0``: the papers' baseline) and
+   Diffusion Tuning (configs/difftuning/shapes.yaml: 20% replay rows at weight 0.1, its two t-laws at the config's
+   ``prob_scale``);
+5. at each scale of ``--guidance``: FID, precision/recall (k = 3) and class accuracy of ``--num-images`` balanced
+   samples (EMA weights, DDPM ``--eval-steps``, x0 clipped) with the shapes FeatureClassifier, against the full
+   outline data set (``runs/demo/shapes-outline-16.zip``), sample seeds 100000 on (never used in training).
+Writes benchmarks/results/difftuning_<backbone>.json (every run, mean and sample std over seeds) and prints Markdown
+rows for docs/results.md. The table of 2026-11-22 in docs/results.md came from this script's first version (DiT-S/4 eps
+source, 20 images per class, 500 steps, DDIM 50 at guidance 2.0, FID and accuracy of 1,000 images).
 """
 
 from __future__ import annotations
@@ -37,13 +41,20 @@ from diffusion_transfer.data import make_shapes
 
 #: name -> (config, extra overrides). The two ablations separate Diff-Tuning's two ingredients.
 METHODS = {
-    "standard fine-tuning": ("configs/quickstart.yaml", []),
+    "standard fine-tuning": ("configs/quickstart.yaml", ["--model.init_args.low_noise_scale", "0"]),
     "Diffusion Tuning": ("configs/difftuning/shapes.yaml", []),
     "ablation: replay with uniform t": ("configs/difftuning/shapes.yaml", ["--model.init_args.t_law", "uniform"]),
     "ablation: t-law without replay": ("configs/difftuning/shapes.yaml", ["--model.init_args.replay_weight", "0"]),
 }
 DEFAULT_METHODS = "standard fine-tuning,Diffusion Tuning"
-METRICS = ("fid", "accuracy")
+METRICS = ("fid", "precision", "recall", "accuracy")
+#: --backbone -> (source config, source checkpoint, the options that put both fine-tuning configs on it)
+BACKBONES = {
+    "unet": ("configs/diffusion/shapes16_pretrain_unet.yaml", "runs/demo/pretrain-unet/final.ckpt", []),
+    "dit": ("configs/diffusion/shapes16_pretrain.yaml", "runs/demo/pretrain-dit/final.ckpt",
+            ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
+             "{hidden_size: 128, depth: 4, num_heads: 4}"]),
+}
 def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch: list[str], work: Path) -> Path:
     config, extra = METHODS[method]
     slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
@@ -60,42 +71,50 @@ def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch
     return checkpoint
 
 
-def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
+def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path,
+             guidance: float) -> dict:
     cli(["validate", "--config", METHODS[method][0], *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
          "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.target),
          "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "[]",
          "--trainer.default_root_dir", str(output.parent), "--metrics.feature_network", str(args.feature_network),
-         "--metrics.num_images", str(args.num_images), "--metrics.seed", "0", "--metrics.per_class", "false",
-         "--metrics.kid", "false", "--metrics.precision_recall", "false",
-         "--metrics.sampling", json.dumps({"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": 2.0}),
+         "--metrics.num_images", str(args.num_images), "--metrics.seed", "100000", "--metrics.per_class", "false",
+         "--metrics.kid", "false", "--metrics.precision_recall", "true",
+         "--metrics.sampling", json.dumps({"sampler": "ddpm", "steps": args.eval_steps, "guidance_scale": guidance}),
          "--metrics.output", str(output)])
     return json.loads(output.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=20, help="target images per class (20 classes)")
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps of each run (batch 64)")
+    parser.add_argument("--per-class", type=int, default=200, help="target images per class (20 classes)")
+    parser.add_argument("--steps", type=int, default=3200, help="fine-tuning steps of each run (batch 64)")
+    parser.add_argument("--backbone", choices=list(BACKBONES), default="unet")
+    parser.add_argument("--guidance", default="1.5,2.0", help="guidance scales of the evaluation")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--bank-size", type=int, default=2000)
-    parser.add_argument("--bank-sampler", default="ddim")
-    parser.add_argument("--bank-steps", type=int, default=50)
-    parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
-    parser.add_argument("--eval-steps", type=int, default=50)
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
+    parser.add_argument("--bank-sampler", default="ddpm")
+    parser.add_argument("--bank-steps", type=int, default=100)
+    parser.add_argument("--num-images", type=int, default=200, help="generated images per evaluation")
+    parser.add_argument("--eval-steps", type=int, default=100, help="DDPM steps of the evaluation")
+    parser.add_argument("--pretrained", type=Path, default=None, help="the source (default: the backbone's)")
     parser.add_argument("--source", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
     parser.add_argument("--target", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--feature-network", type=Path,
                         default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-difftuning"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/difftuning.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/difftuning_<backbone>.json")
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")
     args = parser.parse_args()
-    arch: list[str] = []
+    source_config, pretrained, arch = BACKBONES[args.backbone]
+    args.pretrained = args.pretrained or Path(pretrained)
+    args.out = args.out or Path(f"benchmarks/results/difftuning_{args.backbone}.json")
     if args.tiny:  # every model, data set and step count shrunk; source model and feature network built here
         tmp = Path(tempfile.mkdtemp(prefix="bench-difftuning-"))
-        arch = ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
+        arch = ["--model.init_args.arch_overrides", "{model_channels: 16, channel_mult: [1, 2], num_blocks: 1, "
+                "attn_resolutions: [8], dropout: 0.0, min_channels_per_group: 4}"] if args.backbone == "unet" else [
+                "--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
                 "{hidden_size: 32, depth: 2, num_heads: 2}"]
         args.work, args.out, args.steps, args.bank_size, args.bank_steps = tmp, tmp / "difftuning.json", 2, 16, 2
         args.num_images, args.eval_steps, args.per_class = 40, 2, 4
@@ -110,8 +129,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    train_once("configs/diffusion/shapes16_pretrain.yaml", args.source, args.pretrained, 2 if args.tiny else 1600,
-               arch, args.work)
+    train_once(source_config, args.source, args.pretrained, 2 if args.tiny else 2400, arch, args.work)
     train_once("configs/features/shapes.yaml", args.target, args.feature_network, 2 if args.tiny else 800, [],
                args.work)
     bank = args.work / "bank.zip"
@@ -128,28 +146,33 @@ def main() -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    scales = [float(g) for g in args.guidance.split(",")]
+    rows = [f"{method}, guidance {g}" for method in methods for g in scales]
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
     for seed in seeds:
         data = args.work / f"outline-{args.per_class}pc-seed{seed}.zip"
         if not data.exists():
             make_shapes(data, resolution=16, per_class=args.per_class, seed=1000 + seed, domain="outline")
         for method in methods:
             checkpoint = fine_tune(method, seed, data, args, arch, args.work)
-            result = evaluate(method, checkpoint, args, arch, args.work / "metrics" / f"{checkpoint.stem}.json")
-            runs[method].append({"seed": seed, **{k: result["metrics"][k] for k in METRICS},
-                                 "feature_network": result["feature_network"]})
+            for g in scales:
+                result = evaluate(method, checkpoint, args, arch,
+                                  args.work / "metrics" / f"{checkpoint.stem}-g{g}.json", g)
+                runs[f"{method}, guidance {g}"].append({"seed": seed, **{k: result["metrics"][k] for k in METRICS},
+                                                       "feature_network": result["feature_network"]})
 
-    summary = {method: {k: {"mean": statistics.mean(r[k] for r in rs),
-                            "std": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0} for k in METRICS}
-               for method, rs in runs.items()}
+    summary = {row: {k: {"mean": statistics.mean(r[k] for r in rs),
+                         "std": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0} for k in METRICS}
+               for row, rs in runs.items()}
     record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "minutes": round((time.time() - started) / 60, 1), "runs": runs, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n| method | FID ({args.num_images} images) | class accuracy | seeds |\n|---|---|---|---|")
-    for method, s in summary.items():
-        print(f"| {method} | {s['fid']['mean']:.2f} ± {s['fid']['std']:.2f} | "
-              f"{s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | {len(seeds)} |")
+    print(f"\n| method | FID ({args.num_images} images) | precision | recall | class accuracy | seeds |\n"
+          "|---|---|---|---|---|---|")
+    for row, s in summary.items():
+        cells = " | ".join(f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("precision", "recall", "accuracy"))
+        print(f"| {row} | {s['fid']['mean']:.2f} ± {s['fid']['std']:.2f} | {cells} | {len(seeds)} |")
     print(f"wrote {args.out} ({record['minutes']} min)")
 
 
