@@ -343,16 +343,18 @@ class GaussianDiffusion(nn.Module):
         return self.timestep_map[t.to(self.timestep_map.device, torch.int64)].to(t.device)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> Tensor:
+                         device: torch.device | str | None = None, law: Tensor | None = None) -> Tensor:
         """Training timestep indices: int64 [batch] on ``device``.
 
-        t ~ Uniform{0, ..., N-1}, or P(t) ∝ (N - t)^s with ``low_noise_scale`` s > 0.
+        t ~ ``law`` (probabilities [N], e.g. a :func:`timestep_law`) when given; else P(t) ∝ (N - t)^s with
+        ``low_noise_scale`` s > 0; else Uniform{0, ..., N-1}.
         """
         gen_device = generator.device if generator is not None else device
-        if self.timestep_probs is None:
+        probs = self.timestep_probs if law is None else law
+        if probs is None:
             t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
         else:
-            probs = self.timestep_probs if gen_device is None else self.timestep_probs.to(gen_device)
+            probs = probs if gen_device is None else probs.to(gen_device)
             t = torch.multinomial(probs, batch, replacement=True, generator=generator)
         return t.to(device)
 

@@ -196,9 +196,7 @@ class DiffTuning(Diffusion):
 
     def draw_timesteps(self, n: int, law: Tensor, device: torch.device) -> Tensor:
         """``n`` timesteps from ``law`` (or uniform with ``t_law: uniform``): int64 ``[n]``."""
-        if self.uniform:
-            return self.process.sample_timesteps(n, device=device)
-        return torch.multinomial(law, n, replacement=True).to(device)
+        return self.process.sample_timesteps(n, device=device, law=None if self.uniform else law)
 
     def loss(self, batch: Any) -> dict[str, Tensor]:
         """One hybrid step: the first rows of the data batch are the target part, bank samples the rest."""
