@@ -111,6 +111,20 @@ def test_missing_dataset_and_checkpoint_are_clear_errors(shapes_zip: Path, tmp_p
     assert exit_info.value.code == 2 and "never downloads weights" in err and "DiT-XL-2-256x256.pt" in err
 
 
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--model.init_args.low_noise_scale", "-1",
+     "low_noise_scale must be a finite number >= 0 (0: uniform t), got -1.0"),
+    ("--model.init_args.sampler", "foo", "unknown sampler 'foo'; choose one of ddpm, ddim"),
+])
+def test_bad_model_values_are_one_line_errors(shapes_zip: Path, tmp_path: Path, capsys, option: str, value: str,
+                                              expected: str) -> None:
+    config = tiny_config(tmp_path, shapes_zip)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: {expected}" in err and "Traceback" not in err
+
+
 def test_print_config_and_config_typos(shapes_zip: Path, tmp_path: Path, capsys) -> None:
     config = tiny_config(tmp_path, shapes_zip)
     with pytest.raises(SystemExit) as exit_info:

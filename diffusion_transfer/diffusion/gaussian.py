@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .guidance import apply_guidance
 
 __all__ = [
@@ -238,7 +239,7 @@ class GaussianDiffusion(nn.Module):
     ) -> None:
         super().__init__()
         if not math.isfinite(low_noise_scale) or low_noise_scale < 0:
-            raise ValueError(f"low_noise_scale must be a finite number >= 0, got {low_noise_scale}")
+            raise ConfigError(f"low_noise_scale must be a finite number >= 0 (0: uniform t), got {low_noise_scale}")
         self.low_noise_scale = float(low_noise_scale)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion.gaussian import GaussianDiffusion
+from ..errors import ConfigError
 from ..io.checkpoint import check_same_settings
 from ..io.dit_checkpoint import load_dit_checkpoint
 from ..io.unet_checkpoint import load_unet_checkpoint
@@ -138,7 +139,7 @@ class Diffusion(DiffusionLightningBase):
         vae = None if vae is None else os.fspath(vae)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+            raise ConfigError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
         self.net = build_backbone(arch, self.resolution, self.channels, self.num_classes, class_dropout_prob,
                                   learn_sigma, arch_overrides)
         self.process = GaussianDiffusion(num_timesteps, schedule, prediction,
@@ -223,7 +224,7 @@ class Diffusion(DiffusionLightningBase):
             raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(self.sampling)}")
         opts = {**self.sampling, **sampling}
         if opts["sampler"] not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{opts['sampler']}'; choose one of {', '.join(SAMPLERS)}")
+            raise ConfigError(f"unknown sampler '{opts['sampler']}'; choose one of {', '.join(SAMPLERS)}")
         process = self.sampling_process(int(opts["steps"]), opts["sampler"])
         model_fn = self.guided_denoiser(labels, float(opts["guidance_scale"]), opts["guidance_channels"])
         common = {"noise": noise, "generator": list(generators), "progress": bool(opts.get("progress", False)),

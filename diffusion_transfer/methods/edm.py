@@ -253,7 +253,7 @@ class EDMDiffusion(DiffusionLightningBase):
         checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in SOLVERS:
-            raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SOLVERS)}")
+            raise ConfigError(f"unknown sampler '{sampler}'; choose one of {', '.join(SOLVERS)}")
         constants = {"sigma_data": sigma_data, "P_mean": P_mean, "P_std": P_std} if precond == "edm" else {}
         self.process = EDM(make_precond(precond, **_precond_constants(precond, constants, precond_kwargs)),
                            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
