@@ -41,16 +41,16 @@ from shapes_configs import feature_network
 #: The demo's U-Net (configs/quickstart.yaml), EDM's GroupNorm rule included.
 DEMO_UNET = {"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1, "attn_resolutions": [8],
              "dropout": 0.0, "min_channels_per_group": 4}
-#: name -> (config, checkpoint, target domain[, extra options]): the shapes runs whose guidance is in question.
-RUNS: dict[str, tuple] = {
+#: name -> (config, checkpoint, target domain, extra options): the shapes runs whose guidance is in question.
+RUNS: dict[str, tuple[str, str, str, list[str]]] = {
     # Diffusion Tuning on the demo's U-Net (configs/difftuning/shapes.yaml).
-    "difftuning": ("configs/difftuning/shapes.yaml", "runs/demo/difftuning/final.ckpt", "outline"),
+    "difftuning": ("configs/difftuning/shapes.yaml", "runs/demo/difftuning/final.ckpt", "outline", []),
     # The same config on the DiT source before 2026-12-07, its run directory moved aside: prob_scale 0.25 (the
     # config's last DiT setting, final.ckpt) and the code's 1.0 (the first run in that directory).
     "difftuning-dit": ("runs/demo/difftuning-dit/lightning_logs/version_1/config.yaml",
-                       "runs/demo/difftuning-dit/final.ckpt", "outline"),
+                       "runs/demo/difftuning-dit/final.ckpt", "outline", []),
     "difftuning-dit-s1": ("runs/demo/difftuning-dit/lightning_logs/version_0/config.yaml",
-                          "runs/demo/difftuning-dit/lightning_logs/version_0", "outline"),
+                          "runs/demo/difftuning-dit/lightning_logs/version_0", "outline", []),
     # Plain fine-tuning of the same source with the same recipe (uniform t, 3,200 steps of 64: `python
     # benchmarks/demo_recipe.py --recipes transfer-3200`, whose checkpoint is the last one under its run directory).
     # Saved before GroupNorm counts were recorded in checkpoints, so its arch settings are given whole on the
@@ -59,16 +59,16 @@ RUNS: dict[str, tuple] = {
                       ["--model.init_args.arch_overrides", json.dumps(DEMO_UNET),
                        "--model.init_args.checkpoint", "null"]),
     # The quickstart as `make demo` leaves it (2,000 steps, low-noise law).
-    "quickstart": ("configs/quickstart.yaml", "runs/demo/quickstart/final.ckpt", "outline"),
+    "quickstart": ("configs/quickstart.yaml", "runs/demo/quickstart/final.ckpt", "outline", []),
 }
 METRICS = ("accuracy", "precision", "recall", "fid")
 
 
-def parse_run(spec: str) -> tuple[str, tuple]:
+def parse_run(spec: str) -> tuple[str, tuple[str, str, str, list[str]]]:
     if "=" not in spec:
         if spec not in RUNS:
             raise SystemExit(f"unknown run {spec!r}; known: {', '.join(RUNS)}, or NAME=CONFIG:CHECKPOINT:DOMAIN")
-        return spec, (*RUNS[spec], [])[:4]
+        return spec, RUNS[spec]
     name, rest = spec.split("=", 1)
     config, checkpoint, domain = rest.rsplit(":", 2)
     return name, (config, checkpoint, domain, [])
