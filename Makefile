@@ -24,7 +24,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-$(DEMO_DIR)/shapes-%-16.zip: $(VENV)/.installed
+# The venv is an order-only prerequisite (after |): the data needs the tool installed, but reinstalling the package
+# (a newer setup.cfg) must not regenerate the data and so retrain every stage built on it.
+$(DEMO_DIR)/shapes-%-16.zip: | $(VENV)/.installed
 	$(VENV)/bin/diffusion-transfer-data shapes $@ --resolution 16 --per-class 200 --seed 0 --domain $*
 
 # Every run writes into its own run directory (the config's trainer.default_root_dir), its finished weights as

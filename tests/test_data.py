@@ -99,6 +99,26 @@ def test_dataset_pickles_after_use_for_workers(shapes_zip: Path) -> None:
     assert torch.equal(clone[3][0], first)
 
 
+def test_small_dataset_decodes_each_image_once_and_its_cache_is_not_writable_through_items(
+        shapes_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusion_transfer.data import datasets
+
+    dataset = ZipImageDataset(shapes_zip)
+    loads = []
+    load = dataset.collection.load
+    monkeypatch.setattr(dataset.collection, "load", lambda i: loads.append(i) or load(i))
+    first, label = dataset[5]
+    again, label_again = dataset[5]
+    assert loads == [5] and torch.equal(first, again) and label == label_again
+    first.zero_()  # an item is the caller's own tensor
+    assert torch.equal(dataset[5][0], again) and loads == [5]
+    # Over the size limit, every access decodes (and checks) the image again, with the same pixels.
+    monkeypatch.setattr(datasets, "MAX_CACHED_BYTES", 0)
+    uncached = ZipImageDataset(shapes_zip)
+    monkeypatch.setattr(uncached.collection, "load", lambda i: loads.append(i) or load(i))
+    assert torch.equal(uncached[5][0], again) and torch.equal(uncached[5][0], again) and loads == [5, 5, 5]
+
+
 # ------------------------------------------------------------------------------------------------ sources
 
 

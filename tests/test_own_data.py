@@ -98,9 +98,9 @@ def miniature(argv: list[str]) -> list[str]:
 
 
 class Makefile:
-    """Just enough of make for the README's targets: variables, explicit and ``%`` rules, ``$@`` and ``$*``. A target
-    is built when its file is missing (after its prerequisites); targets inside the virtual environment are taken
-    as built (the tests run in it)."""
+    """Just enough of make for the README's targets: variables, explicit and ``%`` rules, order-only prerequisites,
+    ``$@`` and ``$*``. A target is built when its file is missing (after its prerequisites); targets inside the
+    virtual environment are taken as built (the tests run in it)."""
 
     def __init__(self, path: Path) -> None:
         self.vars: dict[str, str] = {}
@@ -116,7 +116,8 @@ class Makefile:
             elif match := re.match(r"^([^\s#.][^:=]*):\s*([^=]*)$", line):  # not .PHONY
                 recipe = []
                 for target in self.expand(match.group(1)).split():
-                    self.rules.append((target, self.expand(match.group(2)).split(), recipe))
+                    # Order-only prerequisites (after "|") are built when missing, like the others.
+                    self.rules.append((target, self.expand(match.group(2)).replace("|", " ").split(), recipe))
 
     def expand(self, text: str) -> str:
         return re.sub(r"\$\((\w+)\)", lambda m: self.expand(self.vars.get(m.group(1), "")), text)
