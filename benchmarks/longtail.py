@@ -2,6 +2,7 @@
 
     make runs/demo/pretrain-unet/final.ckpt runs/demo/features/final.ckpt
     python benchmarks/longtail.py [--steps 350] [--seeds 0,1,2] [--methods ddpm,cbdm,t2h] [--num-images 1000]
+                                  [--guidance-scales 2.5,config]
     python benchmarks/longtail.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
 Departures from the spec (papers/longtail.md), which trains the DDPM CIFAR U-Net from scratch with a fixed variance
@@ -11,7 +12,9 @@ keeps its **learned sigma** (IDDPM hybrid loss: MSE + VB, the pre-trained checkp
 the MSE regresses v, CBDM's regulariser compares v predictions and T2H's re-targeted pair gives the v target.
 ``--pretrained none`` trains the same U-Net from scratch instead; the spec's recipe is
 configs/longtail/*_cifar10lt.yaml. (Until 2026-12-07 the configs fine-tuned a DiT-S/4 eps source instead.)
-Evaluation follows the spec: DDIM 100, w = 1.5.
+Evaluation follows the spec: DDIM 100, w = 1.5; ``--guidance-scales 2.5,config`` also evaluates every run at the
+scale of its method's config (the scale best for that method on seeds 200000, ``benchmarks/guidance.py --seed
+200000``).
 
 Protocol, for each seed s and each method (configs/longtail/{ddpm,cbdm,t2h}_shapes.yaml):
 1. training data: the "outline" shapes (runs/demo/shapes-outline-16.zip, 200 images per class) cut to the long-tailed
@@ -20,11 +23,12 @@ Protocol, for each seed s and each method (configs/longtail/{ddpm,cbdm,t2h}_shap
 2. the model: the demo's U-Net pre-trained on balanced "filled" shapes (runs/demo/pretrain-unet/final.ckpt),
    fine-tuned for ``--steps`` steps (batch 64, AdamW 5e-4, EMA 0.99, training seed s), the same for the three
    methods: whole-batch label drop 0.1; CBDM adds its regulariser (tau 1, gamma 1/4, y' uniform); T2H re-targets eps
-   within each batch (mode t2h, no cut time). The configs train 3,200 steps; ``--steps`` sets a shorter comparison;
+   within each batch (mode t2h, no cut time), all with the configs' low-noise law. The configs train 2,000 steps;
+   ``--steps`` sets another length;
 3. evaluation: ``--num-images`` samples with balanced labels (EMA weights, DDIM ``--eval-steps`` 100 as T2H's
-   evaluator, w = 1.5, i.e. guidance_scale 2.5), measured with the shapes FeatureClassifier against the **full,
-   balanced** outline set: FID, tail FID (the 6 rarest classes, 14-19, pooled; reference: their balanced images),
-   mean per-class FID, and class accuracy.
+   evaluator) at each scale of ``--guidance-scales`` (default T2H's w = 1.5, i.e. guidance_scale 2.5), measured with
+   the shapes FeatureClassifier against the **full, balanced** outline set: FID, tail FID (the 6 rarest classes,
+   14-19, pooled; reference: their balanced images), mean per-class FID, and class accuracy.
 Writes benchmarks/results/longtail.json (every run, mean and sample std over seeds) and prints Markdown rows for
 docs/results.md.
 """
@@ -38,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from common import CPU_QUIET, checkpoint_callback, train_once
 
 from diffusion_transfer.cli import main as cli
@@ -66,10 +71,16 @@ def fine_tune(method: str, seed: int, args: argparse.Namespace, arch: list[str],
     return checkpoint
 
 
-def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
+def config_guidance(method: str) -> float:
+    """The guidance scale the method's shapes config samples with (its ``metrics.sampling``)."""
+    return float(yaml.safe_load(Path(config(method)).read_text())["metrics"]["sampling"]["guidance_scale"])
+
+
+def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path,
+             guidance_scale: float) -> dict:
     """Validate with metrics: the data module keeps the long-tailed class counts (for the tail), while the reference
     statistics are those of the full balanced zip (``<zip>.<network>.npz``)."""
-    sampling = {"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": args.guidance_scale}
+    sampling = {"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": guidance_scale}
     cli(["validate", "--config", config(method), *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
          "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.data),
          "--data.init_args.longtail_imbalance", str(args.imbalance), "--trainer.limit_val_batches", "1",
@@ -100,7 +111,8 @@ def main() -> None:
     parser.add_argument("--imbalance", type=float, default=0.01, help="tail/head ratio of the training subset")
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per evaluation")
     parser.add_argument("--eval-steps", type=int, default=100, help="DDIM steps (T2H's evaluator: 100)")
-    parser.add_argument("--guidance-scale", type=float, default=2.5, help="s = 1 + w; T2H's w = 1.5")
+    parser.add_argument("--guidance-scales", default="2.5",
+                        help="comma-separated s = 1 + w (T2H's w = 1.5: 2.5), or 'config': the method config's scale")
     parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-unet/final.ckpt"),
                         help="starting weights, or 'none' to train from scratch")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"),
@@ -135,28 +147,34 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    scales = {method: [config_guidance(method) if g.strip() == "config" else float(g)
+                       for g in args.guidance_scales.split(",")] for method in methods}
+    scales = {method: list(dict.fromkeys(found)) for method, found in scales.items()}  # config may repeat 2.5
+    runs: dict[str, list[dict]] = {f"{method}@{g}": [] for method in methods for g in scales[method]}
     for seed in seeds:
         for method in methods:
             checkpoint = fine_tune(method, seed, args, arch, args.work)
-            result = evaluate(method, checkpoint, args, arch, args.work / "metrics" / f"{checkpoint.stem}.json")
-            metrics = result["metrics"]
-            runs[method].append({"seed": seed, **{k: metrics.get(k) for k in METRICS},
-                                 **({"fid_tail_error": metrics["fid_tail_error"]} if "fid_tail_error" in metrics
-                                    else {}),
-                                 "feature_network": result["feature_network"], "reference": result["reference"]})
+            for g in scales[method]:
+                result = evaluate(method, checkpoint, args, arch,
+                                  args.work / "metrics" / f"{checkpoint.stem}-g{g}.json", g)
+                metrics = result["metrics"]
+                runs[f"{method}@{g}"].append(
+                    {"seed": seed, "guidance_scale": g, **{k: metrics.get(k) for k in METRICS},
+                     **({"fid_tail_error": metrics["fid_tail_error"]} if "fid_tail_error" in metrics else {}),
+                     "feature_network": result["feature_network"], "reference": result["reference"]})
 
-    summary = {method: {k: summarise([r[k] for r in rs]) for k in METRICS} for method, rs in runs.items()}
+    summary = {key: {k: summarise([r[k] for r in rs]) for k in METRICS} for key, rs in runs.items()}
     record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "protocol": {"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": args.guidance_scale,
+              "protocol": {"sampler": "ddim", "steps": args.eval_steps, "guidance_scales": scales,
                            "labels": "balanced", "tail": "rarest 30% of classes by training count"},
               "minutes": round((time.time() - started) / 60, 1), "runs": runs, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n| method | FID ({args.num_images} images) | tail FID | mean per-class FID | class accuracy | seeds |\n"
-          "|---|---|---|---|---|---|")
-    for method, s in summary.items():
-        print(f"| {METHODS[method]} | {cell(s['fid'], 2)} | {cell(s['fid_tail'], 2)} | "
+    print(f"\n| method | guidance | FID ({args.num_images} images) | tail FID | mean per-class FID | class accuracy | "
+          "seeds |\n|---|---|---|---|---|---|---|")
+    for key, s in summary.items():
+        method, g = key.split("@")
+        print(f"| {METHODS[method]} | {g} | {cell(s['fid'], 2)} | {cell(s['fid_tail'], 2)} | "
               f"{cell(s['fid_class_mean'], 2)} | {cell(s['accuracy'], 3)} | {len(seeds)} |")
     print(f"wrote {args.out} ({record['minutes']} min)")
 
