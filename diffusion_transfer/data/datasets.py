@@ -89,15 +89,17 @@ class ImageDataset(_CollectionDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         cached = self._cache[index] if self._cache is not None else None
-        if cached is None:
-            image = self.collection.load(index)
-            self._check_size(index, image.size)
-            array = np.asarray(to_mode(image, self._mode), dtype=np.uint8)  # read-only: it shares PIL's buffer
-            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-            cached = torch.from_numpy(array.copy())  # a writable, contiguous copy
-            if self._cache is not None:
-                self._cache[index] = cached
-        return cached.clone(), self._label(index)  # the caller may write into its item; the cache stays intact
+        if cached is not None:
+            return cached.clone(), self._label(index)  # the caller may write into its item; the cache stays intact
+        image = self.collection.load(index)
+        self._check_size(index, image.size)
+        array = np.asarray(to_mode(image, self._mode), dtype=np.uint8)  # read-only: it shares PIL's buffer
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        item = torch.from_numpy(array.copy())  # a writable, contiguous copy
+        if self._cache is None:
+            return item, self._label(index)
+        self._cache[index] = item
+        return item.clone(), self._label(index)
 
 
 class ZipImageDataset(ImageDataset):
