@@ -39,15 +39,13 @@ import time
 from pathlib import Path
 
 from common import evaluate
-from shapes_configs import feature_network
+from shapes_configs import CONFIGS, feature_network, run_dir_of
 
 #: The demo's U-Net (configs/quickstart.yaml), EDM's GroupNorm rule included.
 DEMO_UNET = {"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1, "attn_resolutions": [8],
              "dropout": 0.0, "min_channels_per_group": 4}
-#: name -> (config, checkpoint, target domain, extra options): the shapes runs whose guidance is in question.
+#: name -> (config, checkpoint, target domain, extra options): runs outside the shapes configs' own run directories.
 RUNS: dict[str, tuple[str, str, str, list[str]]] = {
-    # Diffusion Tuning on the demo's U-Net (configs/difftuning/shapes.yaml).
-    "difftuning": ("configs/difftuning/shapes.yaml", "runs/demo/difftuning/final.ckpt", "outline", []),
     # The same config on the DiT source before 2026-12-07, its run directory moved aside: prob_scale 0.25 (the
     # config's last DiT setting, final.ckpt) and the code's 1.0 (the first run in that directory).
     "difftuning-dit": ("runs/demo/difftuning-dit/lightning_logs/version_1/config.yaml",
@@ -61,13 +59,12 @@ RUNS: dict[str, tuple[str, str, str, list[str]]] = {
     "finetune-3200": ("configs/quickstart.yaml", "runs/demo_recipe/transfer-3200-seed0", "outline",
                       ["--model.init_args.arch_overrides", json.dumps(DEMO_UNET),
                        "--model.init_args.checkpoint", "null"]),
-    # The quickstart as `make demo` leaves it (2,000 steps, low-noise law).
-    "quickstart": ("configs/quickstart.yaml", "runs/demo/quickstart/final.ckpt", "outline", []),
-    # The long-tail configs (`diffusion-transfer fit --config configs/longtail/NAME_shapes.yaml`).
-    "ddpm-longtail": ("configs/longtail/ddpm_shapes.yaml", "runs/longtail/ddpm/final.ckpt", "outline", []),
-    "cbdm": ("configs/longtail/cbdm_shapes.yaml", "runs/longtail/cbdm/final.ckpt", "outline", []),
-    "t2h": ("configs/longtail/t2h_shapes.yaml", "runs/longtail/t2h/final.ckpt", "outline", []),
 }
+#: The runs of every shapes config (``shapes_configs.CONFIGS``: quickstart, ddpm-longtail, cbdm, t2h, ...) as their
+#: README commands leave them: the config, its run directory's final.ckpt, its target domain.
+RUNS.update({name: (config, str(run_dir_of(config) / "final.ckpt"), domain, [])
+             for name, (config, domain, _) in CONFIGS.items() if name not in RUNS})
+DEFAULT_RUNS = "difftuning,difftuning-dit,difftuning-dit-s1,finetune-3200,quickstart"
 METRICS = ("accuracy", "precision", "recall", "fid")
 
 
@@ -83,7 +80,7 @@ def parse_run(spec: str) -> tuple[str, tuple[str, str, str, list[str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--scales", default="1.0,1.5,2.0,3.0")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=100000,
