@@ -35,10 +35,15 @@ $(DEMO_DIR)/shapes-%-16.zip: | $(VENV)/.installed
 $(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain_unet.yaml
 
-# The DiT source model of the DiT-based methods' shapes configs and benchmarks (DMP, FineDiffusion).
+# The DiT source model of the DiT-based methods' benchmarks and of their "Your own data" sequences.
 # The long-tail configs fine-tune the demo's U-Net, as the papers use the DDPM U-Net.
 $(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
+
+# That DiT fine-tuned to "outline", where it draws the shapes better than on "filled": the converged model that the
+# DMP config patches, and the base of FineDiffusion's 32 outline classes.
+$(DEMO_DIR)/dit-outline/final.ckpt: $(DEMO_DIR)/pretrain-dit/final.ckpt $(DEMO_DIR)/features/final.ckpt
+	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_dit_outline.yaml
 
 # Diffusion Tuning's replay bank: 2,000 samples of the demo's U-Net source (configs/difftuning/bank.yaml).
 $(DEMO_DIR)/difftuning-bank/bank.zip: $(DEMO_DIR)/pretrain-unet/final.ckpt

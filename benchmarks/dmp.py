@@ -3,23 +3,29 @@
     make runs/demo/pretrain-dit/final.ckpt
     python benchmarks/dmp.py [--steps 400] [--seeds 0,1,2] [--num-images 1000]
     python benchmarks/dmp.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
+    # on the DiT that draws "outline" shapes (the base of configs/dmp/shapes.yaml):
+    make runs/demo/dit-outline/final.ckpt
+    python benchmarks/dmp.py --base-config configs/diffusion/shapes16_dit_outline.yaml \
+        --pretrained runs/demo/dit-outline/final.ckpt --data runs/demo/shapes-outline-16.zip \
+        --work runs/bench-dmp-outline --out benchmarks/results/dmp_outline.json
 
 The paper's claim (papers/dmp.md §5): further training of a converged DiT on its own pre-training data makes it worse
-with full fine-tuning or naive prompt tuning, and better with DMP. Protocol, all on the "filled" shapes domain:
-1. the feature network for FID: configs/features/shapes.yaml trained on the filled data (once, in the work folder);
-2. convergence: the pre-training run (configs/diffusion/shapes16_pretrain.yaml: lr 1e-3, EMA 0.995) is resumed from
-   its checkpoint (``runs/demo``; trained here when missing) in chunks of ``--chunk`` steps, with the FID of its EMA
-   weights after each chunk, until ``--patience`` chunks in a row fail to beat the best FID so far by more than
-   ``--tol`` (relative). Its last checkpoint is the converged model. If the FID is still improving after
-   ``--max-chunks`` chunks the script stops without comparing (``--allow-unconverged`` compares anyway). Chunks and
-   their FIDs already in the work folder are reused, so a rerun with a larger ``--max-chunks`` continues; resume is
-   exact, so the chunk size changes only where the FID is measured;
+with full fine-tuning or naive prompt tuning, and better with DMP. Protocol, all on the base's domain (``--data``;
+default "filled"):
+1. the feature network for FID: configs/features/shapes.yaml trained on that data (once, in the work folder);
+2. convergence: the base's run (``--base-config``, default configs/diffusion/shapes16_pretrain.yaml: lr 1e-3, EMA
+   0.995) is resumed from its checkpoint (``runs/demo``; trained here when missing) in chunks of ``--chunk`` steps,
+   with the FID of its EMA weights after each chunk, until ``--patience`` chunks in a row fail to beat the best FID
+   so far by more than ``--tol`` (relative). Its last checkpoint is the converged model. If the FID is still
+   improving after ``--max-chunks`` chunks the script stops without comparing (``--allow-unconverged`` compares
+   anyway). Chunks and their FIDs already in the work folder are reused, so a rerun with a larger ``--max-chunks``
+   continues; resume is exact, so the chunk size changes only where the FID is measured;
 3. for each seed, ``--steps`` more steps from the converged model on the same data, batch 64, raw weights (no EMA,
    as the paper), constant lr: DMP (configs/dmp/shapes.yaml: prompts 1e-4, gate 1e-3, balance loss weight 1), naive
-   prompt tuning (the same, ``gating: false``) and full fine-tuning (the pre-training config at lr 1e-4);
+   prompt tuning (the same, ``gating: false``) and full fine-tuning (the base's config at lr 1e-4);
    ``--lr-scale`` multiplies all three learning rates;
 4. FID and class accuracy of ``--num-images`` balanced samples (DDIM 50, guidance 2.0, sample seeds 0..n-1 for every
-   model) with that feature network, against the whole filled data set.
+   model) with that feature network, against the whole data set.
 Writes benchmarks/results/dmp.json (FID curve of the convergence phase, every run, mean and sample std over seeds,
 added parameters) and prints Markdown rows for docs/results.md.
 """
@@ -45,7 +51,7 @@ DMP_CONFIG = "configs/dmp/shapes.yaml"
 METHODS = {
     "DMP": (DMP_CONFIG, 1e-4, []),
     "prompt tuning": (DMP_CONFIG, 1e-4, ["--model.init_args.gating", "false"]),
-    "full fine-tuning": (PRETRAIN, 1e-4, []),
+    "full fine-tuning": (None, 1e-4, []),  # the base's own config (--base-config)
 }
 METRICS = ("fid", "accuracy")
 NO_VAL = ["--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
@@ -77,7 +83,7 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
         output = args.work / "metrics" / f"converge-step{step}.json"
         # A rerun with a larger --max-chunks reuses the chunks (and their FIDs) it already has.
         result = ({k: json.loads(output.read_text())["metrics"][k] for k in METRICS} if output.exists()
-                  else evaluate(PRETRAIN, checkpoint, args, arch, output))
+                  else evaluate(args.base_config, checkpoint, args, arch, output))
         curve.append({"step": step, **result})
         print(f"convergence: step {step}, FID {result['fid']:.3f}")
         fids = [point["fid"] for point in curve]
@@ -88,7 +94,7 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
         step += args.chunk
         following = args.work / "converge" / f"step{step}.ckpt"
         if not following.exists():
-            cli(["fit", "--config", PRETRAIN, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path", str(checkpoint),
+            cli(["fit", "--config", args.base_config, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path", str(checkpoint),
                  "--data.init_args.path", str(args.data), "--trainer.max_steps", str(step),
                  "--trainer.default_root_dir", str(args.work / "converge"),
                  "--trainer.callbacks", checkpoint_callback(following)])
@@ -97,6 +103,7 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
 
 def further_train(method: str, seed: int, base: Path, args: argparse.Namespace, arch: list[str]) -> Path:
     config, lr, extra = METHODS[method]
+    config = config or args.base_config
     slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
     checkpoint = args.work / "checkpoints" / f"{slug}-seed{seed}.ckpt"
     checkpoint.unlink(missing_ok=True)
@@ -134,6 +141,10 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=50)
     parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-filled-16.zip"))
+    parser.add_argument("--base-config", default=PRETRAIN,
+                        help="the config that made --pretrained: resumed to convergence, and the full fine-tuning "
+                             "baseline (e.g. configs/diffusion/shapes16_dit_outline.yaml with --pretrained "
+                             "runs/demo/dit-outline/final.ckpt and --data runs/demo/shapes-outline-16.zip)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-dmp"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dmp.json"))
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")
@@ -149,13 +160,15 @@ def main() -> None:
         make_shapes(args.data, resolution=16, per_class=8, seed=0, domain="filled")
     if not args.data.exists():
         raise SystemExit(f"{args.data} is missing; build the demo data first (see this script's header)")
-    args.feature_network = args.work / "features-filled.ckpt"
-    args.reference = args.work / "reference-filled.npz"
+    # The feature network of the base's domain, named after its data (``features-filled.ckpt`` for the default).
+    domain = args.data.stem.removeprefix("shapes-").removesuffix("-16")
+    args.feature_network = args.work / f"features-{domain}.ckpt"
+    args.reference = args.work / f"reference-{domain}.npz"
     seeds = [int(s) for s in args.seeds.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    train_once(PRETRAIN, args.data, args.pretrained, 2 if args.tiny else 1600, arch, args.work)
+    train_once(args.base_config, args.data, args.pretrained, 2 if args.tiny else 1600, arch, args.work)
     train_once("configs/features/shapes.yaml", args.data, args.feature_network, 2 if args.tiny else 800, [],
                args.work)
     base, curve, stalled = converge(args, arch)
@@ -172,7 +185,7 @@ def main() -> None:
         for method in METHODS:
             checkpoint = further_train(method, seed, base, args, arch)
             output = args.work / "metrics" / f"{checkpoint.stem}.json"
-            result = evaluate(METHODS[method][0], checkpoint, args, arch, output)
+            result = evaluate(METHODS[method][0] or args.base_config, checkpoint, args, arch, output)
             runs[method].append({"seed": seed, **result, **trainable_share(checkpoint, base)})
 
     reference = curve[-1]

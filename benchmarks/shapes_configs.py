@@ -1,18 +1,18 @@
 """Every method's shapes config, run as its README section says, then scored on its target domain.
 
     make demo                                           # data, the U-Net source, the "outline" feature network
-    make runs/demo/pretrain-dit/final.ckpt              # the DiT source of DMP and FineDiffusion
+    make runs/demo/dit-outline/final.ckpt               # the DiT base of DMP and FineDiffusion
     python benchmarks/shapes_configs.py [--configs quickstart,dmp,...] [--num-images 200]
 
 Each entry runs the commands of its README section (e.g. DiffTuning's replay bank, then its ``fit``) with the
 config's own settings, and times them. Then ``diffusion-transfer validate`` on the run's ``final.ckpt`` draws
 ``--num-images`` class-balanced samples at seeds 100000 on (never used in training), as the config samples, and
 scores them with the FeatureClassifier of the config's TARGET domain: "outline" for the transfers (quickstart,
-DiffTuning, the long-tail configs), "filled" for the configs that train on the source domain (DMP, EDM,
-Diff-Instruct), the 32-class "filled" set for FineDiffusion. The feature networks of the last two are trained
-here once (``configs/features/shapes.yaml`` on their data). Reports class accuracy, precision/recall (k = 3),
-FID in the 32-d features and the wall time of the commands. The sample grid of each evaluation is kept; look
-at it.
+DiffTuning, the long-tail configs) and for DMP (which patches the outline DiT on its own data), "filled" for the
+configs that train on the source domain (EDM, Diff-Instruct), the 32-class "outline" set for FineDiffusion. The
+feature networks other than the demo's are trained here once (``configs/features/shapes.yaml`` on their data).
+Reports class accuracy, precision/recall (k = 3), FID in the 32-d features and the wall time of the commands. The
+sample grid of each evaluation is kept; look at it.
 
 With ``--grids docs/images`` each evaluation's sample grid (the config's ``val_num_images`` samples, classes in
 turn) is also saved there, enlarged 3x, as ``shapes-NAME.png``: the README's pictures. Appends one JSON line per
@@ -39,6 +39,12 @@ DOMAINS = {
     "outline": (DEMO / "shapes-outline-16.zip", DEMO / "features"),
     "filled": (DEMO / "shapes-filled-16.zip", DEMO / "features-filled"),
     "filled-32": (DEMO / "shapes8-filled-16.zip", DEMO / "features-shapes8"),
+    "outline-32": (DEMO / "shapes8-outline-16.zip", DEMO / "features-shapes8-outline"),
+}
+#: the 32-class sets (8 colours): their README data commands (FineDiffusion's section)
+DATA_COMMANDS = {
+    "filled-32": ["--colours", "8", "--per-class", "50", "--seed", "2"],
+    "outline-32": ["--colours", "8", "--per-class", "50", "--seed", "2", "--domain", "outline"],
 }
 #: DiffTuning's replay bank: samples of the U-Net source model (its README section's first command)
 REPLAY_BANK = ["predict", "--config", "configs/difftuning/bank.yaml"]
@@ -47,8 +53,8 @@ REPLAY_BANK = ["predict", "--config", "configs/difftuning/bank.yaml"]
 CONFIGS: dict[str, tuple[str, str, list[list[str]]]] = {
     "quickstart": ("configs/quickstart.yaml", "outline", []),
     "difftuning": ("configs/difftuning/shapes.yaml", "outline", [REPLAY_BANK]),
-    "dmp": ("configs/dmp/shapes.yaml", "filled", []),
-    "finediffusion": ("configs/finediffusion/shapes.yaml", "filled-32", []),
+    "dmp": ("configs/dmp/shapes.yaml", "outline", []),
+    "finediffusion": ("configs/finediffusion/shapes.yaml", "outline-32", []),
     "ddpm-longtail": ("configs/longtail/ddpm_shapes.yaml", "outline", []),
     "cbdm": ("configs/longtail/cbdm_shapes.yaml", "outline", []),
     "t2h": ("configs/longtail/t2h_shapes.yaml", "outline", []),
@@ -60,8 +66,8 @@ CONFIGS: dict[str, tuple[str, str, list[list[str]]]] = {
 def feature_network(domain: str) -> Path:
     """The target domain's FeatureClassifier, trained once with configs/features/shapes.yaml."""
     data, run_dir = DOMAINS[domain]
-    if not data.exists() and domain == "filled-32":  # the FineDiffusion README's data command
-        data_tool(["shapes", str(data), "--colours", "8", "--per-class", "50", "--seed", "2"])
+    if not data.exists() and domain in DATA_COMMANDS:
+        data_tool(["shapes", str(data), *DATA_COMMANDS[domain]])
     if not (run_dir / "final.ckpt").exists():
         cli(["fit", "--config", "configs/features/shapes.yaml", *CPU_QUIET, "--data.init_args.path", str(data),
              "--trainer.default_root_dir", str(run_dir)])
