@@ -80,10 +80,17 @@ def test_run_directories_are_distinct_and_not_nested() -> None:
 
 def test_make_targets_are_the_files_their_configs_write() -> None:
     makefile = (REPO / "Makefile").read_text().replace("$(DEMO_DIR)", "runs/demo")
-    rules = re.findall(r"^(runs/\S+\.ckpt): .*\n\t.* fit --config (\S+)", makefile, flags=re.M)
-    assert len(rules) == 4
-    for target, config in rules:
+    found = re.findall(r"^(runs/\S+\.ckpt): (.*)\n\t.* fit --config (\S+)", makefile, flags=re.M)
+    assert len(found) == 5  # the two sources, the EDM teacher, the feature network, the outline DiT
+    rules = [(target, config) for target, _, config in found]
+    for target, prerequisites, config in found:
         assert {path for path in _outputs(_config(REPO / config)) if path.endswith(".ckpt")} == {target}
+        # A rule depends on every trained file its config reads, so make builds them first.
+        reads = [(_config(REPO / config)["model"].get("init_args") or {}).get("checkpoint"),
+                 (_config(REPO / config).get("metrics") or {}).get("feature_network")]
+        for value in reads:
+            if value and value.startswith("runs/"):
+                assert value in prerequisites.split(), f"make {target}: {value} is not a prerequisite"
     # The replay bank's rule predicts with the config that writes it, from the U-Net that the U-Net rule makes (the
     # bank config reads it as its model.init_args.checkpoint, and the rule depends on that file).
     bank = re.search(r"^(runs/\S+\.zip): (\S+)\n\t.* predict --config (\S+)$", makefile, flags=re.M)
