@@ -3,12 +3,18 @@
     make runs/demo/pretrain-dit/final.ckpt
     python benchmarks/finediffusion.py [--steps 150] [--seeds 0,1,2] [--num-images 256]
     python benchmarks/finediffusion.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
+    # from the DiT that draws "outline" shapes (the base of configs/finediffusion/shapes.yaml) to 32 outline classes:
+    make runs/demo/dit-outline/final.ckpt
+    python benchmarks/finediffusion.py --domain outline --pretrained runs/demo/dit-outline/final.ckpt \
+        --steps 1000 --methods "FineDiffusion,full fine-tuning (lr 1e-4),BitFit,DiffFit" \
+        --work runs/bench-finediffusion-outline --out benchmarks/results/finediffusion_outline.json
 
 Protocol:
 1. base: the DiT pre-trained on the 20 "filled" shapes classes (5 colours; runs/demo, configs/diffusion/
-   shapes16_pretrain.yaml). Target: a NEW label space of 32 classes (4 shapes x 8 colours, three colours new and
-   close to old ones) grouped into the 4 shape superclasses: ``--per-class`` training images (seed 2) and a separate
-   reference set for FID (100 per class, seed 3);
+   shapes16_pretrain.yaml), or ``--pretrained``. Target: a NEW label space of 32 classes (4 shapes x 8 colours, three
+   colours new and close to old ones) in the ``--domain`` style (filled or outline), grouped into the 4 shape
+   superclasses: ``--per-class`` training images (seed 2) and a separate reference set for FID (100 per class,
+   seed 3);
 2. a FeatureClassifier on the 32-class reference data (configs/features/shapes.yaml, data overridden, 400 steps);
 3. for each seed, each method fine-tunes from the base with configs/finediffusion/shapes.yaml: same data, steps,
    batch 64, AdamW lr 1e-3 (full fine-tuning also at 1e-4, its usual rate), EMA 0.99, training seed.
@@ -163,7 +169,9 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="the same s for every method")
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
-    parser.add_argument("--data", type=Path, default=None, help="default: WORK/shapes8-filled-16.zip (built)")
+    parser.add_argument("--data", type=Path, default=None, help="default: WORK/shapes8-DOMAIN-16-Npc.zip (built)")
+    parser.add_argument("--domain", default="filled", choices=("filled", "outline"),
+                        help="style of the 32-class target (and of its reference set and feature network)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-finediffusion"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finediffusion.json"))
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
@@ -186,13 +194,16 @@ def main() -> None:
     if not args.pretrained.exists():
         raise SystemExit(f"{args.pretrained} is missing; build it first: make {args.pretrained}")
     args.work.mkdir(parents=True, exist_ok=True)
-    args.data = args.data or args.work / f"shapes8-filled-16-{args.per_class}pc.zip"
-    args.reference = args.work / "shapes8-filled-16-reference.zip"
-    args.feature_network = args.work / "features-shapes8.ckpt"
+    args.data = args.data or args.work / f"shapes8-{args.domain}-16-{args.per_class}pc.zip"
+    args.reference = args.work / f"shapes8-{args.domain}-16-reference.zip"
+    # The filled set's names are kept from before --domain, so an existing work folder is reused.
+    args.feature_network = args.work / ("features-shapes8.ckpt" if args.domain == "filled"
+                                        else f"features-shapes8-{args.domain}.ckpt")
     if not args.data.exists():
-        make_shapes(args.data, resolution=16, per_class=args.per_class, seed=2, colours=8)
+        make_shapes(args.data, resolution=16, per_class=args.per_class, seed=2, colours=8, domain=args.domain)
     if not args.reference.exists():
-        make_shapes(args.reference, resolution=16, per_class=6 if args.tiny else 100, seed=3, colours=8)
+        make_shapes(args.reference, resolution=16, per_class=6 if args.tiny else 100, seed=3, colours=8,
+                    domain=args.domain)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
     train_once("configs/features/shapes.yaml", args.reference, args.feature_network, 2 if args.tiny else 400, [],
