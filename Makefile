@@ -40,8 +40,8 @@ $(DEMO_DIR)/pretrain-unet/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 $(DEMO_DIR)/pretrain-dit/final.ckpt: $(DEMO_DIR)/shapes-filled-16.zip
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_pretrain.yaml
 
-# That DiT fine-tuned to "outline", where it draws the shapes better than on "filled": the converged model that the
-# DMP config patches, and the base of FineDiffusion's 32 outline classes.
+# That DiT fine-tuned to "outline" until its FID stops improving (22,400 steps, about 40 minutes on 2 cores): the
+# converged model that the DMP config patches, and the base of FineDiffusion's 32 outline classes.
 $(DEMO_DIR)/dit-outline/final.ckpt: $(DEMO_DIR)/pretrain-dit/final.ckpt $(DEMO_DIR)/features/final.ckpt
 	$(VENV)/bin/diffusion-transfer fit --config configs/diffusion/shapes16_dit_outline.yaml
 
