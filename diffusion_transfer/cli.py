@@ -160,8 +160,14 @@ class DiffusionCLI(LightningCLI):
         checkpoint = finals[0] if finals else callback and (callback.best_model_path or callback.last_model_path)
         if checkpoint:
             lines.append(f"checkpoint: {checkpoint}")
-        summaries = [c.summary() for c in trainer.callbacks if isinstance(c, GenerativeEvaluation)]
-        lines.extend(line for line in summaries if line)
+        for evaluation in (c for c in trainer.callbacks if isinstance(c, GenerativeEvaluation)):
+            # A fit resumed past its last evaluation (or with nothing left to train) only has the restored one.
+            stale = evaluation.last_step is not None and evaluation.last_step != trainer.global_step
+            title = (f"metrics of the latest evaluation, at step {evaluation.last_step} (these weights are at step "
+                     f"{trainer.global_step})" if stale else "metrics")
+            summary = evaluation.summary(title)
+            if summary:
+                lines.append(summary)
         print("\n".join(lines))
 
     def after_predict(self) -> None:

@@ -125,6 +125,24 @@ def test_fid_is_logged_during_fit(trained: dict[str, Path], capsys) -> None:
     assert len(written) == 1 and json.loads(written[0].read_text())["metrics"]["num_images"] == 40
 
 
+def test_a_resumed_fit_names_the_step_of_the_metrics_it_restored(trained: dict[str, Path], capsys) -> None:
+    root, ckpt = trained["tmp"] / "resumed", trained["tmp"] / "resumed-ckpt"
+    common = ["fit", "--config", str(trained["config"]), "--trainer.limit_val_batches", "1",
+              "--trainer.default_root_dir", str(root), "--trainer.enable_checkpointing", "true",
+              "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                  "init_args": {"dirpath": str(ckpt), "filename": "last"}}]),
+              "--metrics.feature_network", str(trained["features"]), "--metrics.num_images", "40",
+              "--metrics.per_class", "false"]
+    build_cli([*common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    assert "\nmetrics (40 images): fid " in capsys.readouterr().out
+    # Two more steps and no validation: the only metrics are the restored ones, of the step-2 weights.
+    build_cli([*common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+               "--trainer.limit_val_batches", "0", "--ckpt_path", str(ckpt / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert "metrics of the latest evaluation, at step 2 (these weights are at step 4) (40 images): fid " in out
+    assert "\nmetrics (40 images)" not in out
+
+
 def test_two_process_evaluation_equals_one_process(trained: dict[str, Path]) -> None:
     # 101 images split 51/50 over two ranks, and reference statistics computed in two shards.
     common = ["--metrics.num_images", "101", "--metrics.per_class", "false"]
