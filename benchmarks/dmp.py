@@ -101,9 +101,14 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
         checkpoint = following
 
 
+def method_config(method: str, args: argparse.Namespace) -> str:
+    """The config ``method`` trains and samples with: DMP's, or (full fine-tuning) the base's own."""
+    return METHODS[method][0] or args.base_config
+
+
 def further_train(method: str, seed: int, base: Path, args: argparse.Namespace, arch: list[str]) -> Path:
-    config, lr, extra = METHODS[method]
-    config = config or args.base_config
+    _, lr, extra = METHODS[method]
+    config = method_config(method, args)
     slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
     checkpoint = args.work / "checkpoints" / f"{slug}-seed{seed}.ckpt"
     checkpoint.unlink(missing_ok=True)
@@ -185,7 +190,7 @@ def main() -> None:
         for method in METHODS:
             checkpoint = further_train(method, seed, base, args, arch)
             output = args.work / "metrics" / f"{checkpoint.stem}.json"
-            result = evaluate(METHODS[method][0] or args.base_config, checkpoint, args, arch, output)
+            result = evaluate(method_config(method, args), checkpoint, args, arch, output)
             runs[method].append({"seed": seed, **result, **trainable_share(checkpoint, base)})
 
     reference = curve[-1]

@@ -42,10 +42,8 @@ DOMAINS = {
     "outline-32": (DEMO / "shapes8-outline-16.zip", DEMO / "features-shapes8-outline"),
 }
 #: the 32-class sets (8 colours): their README data commands (FineDiffusion's section)
-DATA_COMMANDS = {
-    "filled-32": ["--colours", "8", "--per-class", "50", "--seed", "2"],
-    "outline-32": ["--colours", "8", "--per-class", "50", "--seed", "2", "--domain", "outline"],
-}
+SHAPES8 = ["--colours", "8", "--per-class", "50", "--seed", "2"]
+DATA_COMMANDS = {"filled-32": SHAPES8, "outline-32": [*SHAPES8, "--domain", "outline"]}
 #: DiffTuning's replay bank: samples of the U-Net source model (its README section's first command)
 REPLAY_BANK = ["predict", "--config", "configs/difftuning/bank.yaml"]
 

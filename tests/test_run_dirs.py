@@ -86,8 +86,9 @@ def test_make_targets_are_the_files_their_configs_write() -> None:
     for target, prerequisites, config in found:
         assert {path for path in _outputs(_config(REPO / config)) if path.endswith(".ckpt")} == {target}
         # A rule depends on every trained file its config reads, so make builds them first.
-        reads = [(_config(REPO / config)["model"].get("init_args") or {}).get("checkpoint"),
-                 (_config(REPO / config).get("metrics") or {}).get("feature_network")]
+        settings = _config(REPO / config)
+        reads = [(settings["model"].get("init_args") or {}).get("checkpoint"),
+                 (settings.get("metrics") or {}).get("feature_network")]
         for value in reads:
             if value and value.startswith("runs/"):
                 assert value in prerequisites.split(), f"make {target}: {value} is not a prerequisite"
