@@ -362,9 +362,10 @@ def test_novel_shape_kinds_differ_from_each_other_and_from_the_base_kinds_at_16p
     names = SHAPES + NOVEL_SHAPES
     novel_pairs = [(i, j) for i in range(4, 8) for j in range(4, 8) if i < j]
     # Measured (filled / outline): the closest novel pair is star-arrow 0.070 / hexagon-arrow 0.127 ...
-    assert min(d[i, j] for i, j in novel_pairs) > (0.06 if domain == "filled" else 0.1), d
+    solid = domain in ("filled", "cutout")  # the same ink coverage (the shape's area); only the colours differ
+    assert min(d[i, j] for i, j in novel_pairs) > (0.06 if solid else 0.1), d
     # ... and the closest novel-base pair hexagon-circle 0.027 / 0.053 (the base circle-square pair: 0.053 / 0.103).
-    assert min(d[i, j] for i in range(4, 8) for j in range(4)) > (0.02 if domain == "filled" else 0.04), d
+    assert min(d[i, j] for i in range(4, 8) for j in range(4)) > (0.02 if solid else 0.04), d
     ring, circle = names.index("ring"), names.index("circle")
     assert d[ring, circle] > 0.07  # a thick annulus vs a disc; a double outline vs a single one
 
@@ -388,12 +389,46 @@ def test_novel_shapes_dataset_names_classes_and_records_kinds(tmp_path: Path) ->
 
 def test_shapes_domains_differ_in_style_and_classes_in_colour() -> None:
     labels = np.repeat(np.arange(NUM_CLASSES), 20)
-    filled, outline = (render_shapes(labels, 16, d, np.random.default_rng(0)).astype(float) for d in DOMAINS)
+    filled, outline, cutout = (render_shapes(labels, 16, d, np.random.default_rng(0)).astype(float)
+                               for d in ("filled", "outline", "cutout"))
     assert filled.mean() < 80 < 150 < outline.mean()  # dark ground vs light ground
     # The brightest pixel of a filled red shape is red-dominant, of a blue one blue-dominant.
     red, blue = filled[labels == 0], filled[labels == 2]
     assert red[..., 0].max() > 150 > red[..., 2].max()
     assert blue[..., 2].max() > 150 > blue[..., 0].max()
+    # Cutout: the class colour is the ground (the corner pixels, which no shape reaches), the shape a light hole.
+    corners = cutout[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # [B, 4, 3]
+    assert (corners[labels == 0][..., 0] > 2 * corners[labels == 0][..., 2]).all()  # red ground
+    assert (corners[labels == 2][..., 2] > 2 * corners[labels == 2][..., 0]).all()  # blue ground
+    assert (cutout.min(axis=-1).max(axis=(1, 2)) > 200).all()  # every image holds a nearly white pixel: the shape
+
+
+def test_all_kinds_are_the_base_kinds_then_the_novel_ones() -> None:
+    from diffusion_transfer.data.shapes import NOVEL_SHAPES, SHAPES, shape_coverage, shapes_classes
+
+    classes = shapes_classes(colours=2, kinds="all")
+    assert classes.superclass_names == list(SHAPES + NOVEL_SHAPES) and len(classes.class_names) == 16
+    rng = np.random.default_rng(3)
+    n = 6
+    pose = (16, "outline", rng.uniform(3, 5, n), rng.uniform(6, 10, (n, 2)), rng.uniform(0, 6, n))
+    for k in range(4):
+        kind = np.full(n, k)
+        assert np.array_equal(shape_coverage(kind, *pose, kinds="all"), shape_coverage(kind, *pose, kinds="base"))
+        assert np.array_equal(shape_coverage(kind + 4, *pose, kinds="all"),
+                              shape_coverage(kind, *pose, kinds="novel"))
+
+
+def test_several_domains_in_one_dataset_are_each_domain_alone_in_turn(tmp_path: Path) -> None:
+    meta = make_shapes(tmp_path / "broad.zip", resolution=8, per_class=2, seed=4, domain="filled,cutout", colours=2)
+    assert meta["class_counts"] == [4] * 8 and meta["shapes"]["domain"] == "filled,cutout"
+    broad = _pixels(ZipImageDataset(tmp_path / "broad.zip"))
+    for part, domain in enumerate(("filled", "cutout")):
+        make_shapes(tmp_path / f"{domain}.zip", resolution=8, per_class=2, seed=4, domain=domain, colours=2)
+        assert np.array_equal(broad[part * 16:(part + 1) * 16], _pixels(ZipImageDataset(tmp_path / f"{domain}.zip")))
+    for bad in ("filled,odd", "filled,filled"):
+        with pytest.raises(DatasetError, match="unknown or repeated shapes domain"):
+            make_shapes(tmp_path / "x.zip", domain=bad)
+        assert not (tmp_path / "x.zip").exists()
 
 
 # ------------------------------------------------------------------------------------------------ datamodule

@@ -7,13 +7,20 @@ Each image shows one shape at a random position, size and rotation. Domains chan
 keeping the classes, so real transfer tasks exist (pre-train on one domain, adapt to another):
 
 - ``filled``:   solid shapes on a dark, softly shaded ground;
-- ``outline``:  outlined shapes on a light, striped ground.
+- ``outline``:  outlined shapes on a light, striped ground;
+- ``cutout``:   light, solid shapes cut out of a ground in the class colour (the colour is the ground's, not the
+  shape's), shaded from top to bottom.
+
+Several domains in one dataset (``domain="filled,cutout"``: ``per_class`` images of every class in each) make a
+broad source for transfer to a domain it does not hold.
 
 Kind sets (``kinds``) change the classes themselves, for transfer to new classes:
 
 - ``base``:  circle, square, triangle, cross (the default; its datasets are unchanged by the option);
 - ``novel``: star (5 points), hexagon, ring (a thick annulus, drawn as a double outline in ``outline``) and
-  arrow: kinds that ``base`` never has, in the same colours and styles.
+  arrow: kinds that ``base`` never has, in the same colours and styles;
+- ``all``:   the base kinds, then the novel ones (8 kinds: class c of k colours is kind ``c // k`` of
+  circle, square, triangle, cross, star, hexagon, ring, arrow).
 
 Rendering is vectorised in NumPy over whole batches with signed distance functions and a one-pixel
 anti-aliasing ramp, so thousands of 16x16 images take a fraction of a second.
@@ -30,7 +37,7 @@ from .archive import ClassInfo, DatasetError, write_dataset_zip
 
 SHAPES = ("circle", "square", "triangle", "cross")
 NOVEL_SHAPES = ("star", "hexagon", "ring", "arrow")
-KIND_SETS = {"base": SHAPES, "novel": NOVEL_SHAPES}
+KIND_SETS = {"base": SHAPES, "novel": NOVEL_SHAPES, "all": SHAPES + NOVEL_SHAPES}
 """Shape kinds of each ``kinds`` option; class c of a set with k colours is kind ``c // k`` of the set."""
 PALETTE = {
     "red": (220, 50, 47),
@@ -45,7 +52,7 @@ PALETTE = {
 }
 DEFAULT_COLOURS = 5
 COLOURS = dict(list(PALETTE.items())[:DEFAULT_COLOURS])
-DOMAINS = ("filled", "outline")
+DOMAINS = ("filled", "outline", "cutout")
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
 
 
@@ -117,7 +124,9 @@ def _novel_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
 def _signed_distance(kind: np.ndarray, u: np.ndarray, v: np.ndarray, kinds: str = "base") -> np.ndarray:
     """Signed distance (negative inside) in shape units of each shape kind ``[B]`` on grids ``[B, H, W]``."""
     _kind_set(kinds)
-    stacked = np.stack(_base_distances(u, v) if kinds == "base" else _novel_distances(u, v))  # [K, B, H, W]
+    parts = {"base": _base_distances, "novel": _novel_distances,
+             "all": lambda u, v: _base_distances(u, v) + _novel_distances(u, v)}[kinds]
+    stacked = np.stack(parts(u, v))  # [K, B, H, W]
     return np.take_along_axis(stacked, kind[None, :, None, None], axis=0)[0]
 
 
@@ -134,7 +143,8 @@ def shape_coverage(kind: np.ndarray, resolution: int, domain: str, size: np.ndar
     Args:
         kind: int ``[B]`` shape kinds, indices into ``KIND_SETS[kinds]``.
         resolution: side R in pixels.
-        domain: ``filled`` (the shape's area) or ``outline`` (a band of ``max(1, R / 12)`` pixels on its edge).
+        domain: ``filled`` or ``cutout`` (the shape's area) or ``outline`` (a band of ``max(1, R / 12)`` pixels on
+            its edge).
         size: ``[B]`` shape radius in pixels; centre: ``[B, 2]`` (x, y) in pixels; theta: ``[B]`` rotation (rad).
         kinds: the kind set.
     """
@@ -143,7 +153,7 @@ def shape_coverage(kind: np.ndarray, resolution: int, domain: str, size: np.ndar
     radius = size[:, None, None]
     u, v = (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
     distance = _signed_distance(kind, u, v, kinds) * radius  # in pixels
-    if domain == "filled":
+    if domain in ("filled", "cutout"):
         return np.clip(0.5 - distance, 0.0, 1.0)
     line = max(1.0, resolution / 12.0)
     return np.clip(0.5 - (np.abs(distance) - line / 2.0), 0.0, 1.0)
@@ -184,6 +194,11 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
         shade = rng.uniform(10.0, 45.0, (batch, 1, 1, 1)) + 12.0 * (dy / res)[..., None]
         ground = np.broadcast_to(shade, (batch, res, res, 3))
         ink = rgb
+    elif domain == "cutout":
+        # The class colour is the ground, darkened toward the bottom; the shape is a light, nearly white hole.
+        shade = rng.uniform(0.7, 0.95, (batch, 1, 1, 1)) - 0.25 * (dy / res)[..., None]
+        ground = rgb * shade
+        ink = np.broadcast_to(rng.uniform(225.0, 250.0, (batch, 1, 1, 1)), (batch, 1, 1, 3))
     else:
         phase = rng.uniform(0.0, 2.0 * np.pi, (batch, 1, 1))
         stripes = 0.5 + 0.5 * np.sin((dx + dy) * (2.0 * np.pi / 6.0) + phase)
@@ -194,6 +209,16 @@ def render_shapes(labels: np.ndarray, resolution: int, domain: str, rng: np.rand
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def shape_domains(domain: str) -> tuple[str, ...]:
+    """The domains of a ``domain`` option: one of :data:`DOMAINS`, or several joined by commas (``filled,cutout``)."""
+    names = tuple(name.strip() for name in domain.split(","))
+    unknown = [name for name in names if name not in DOMAINS]
+    if unknown or len(set(names)) != len(names):
+        raise DatasetError(f"unknown or repeated shapes domain in '{domain}'; choose one or more of "
+                           f"{', '.join(DOMAINS)}, joined by commas")
+    return names
+
+
 def iter_shapes(
     per_class: int, resolution: int = 16, seed: int = 0, domain: str = "filled", chunk: int = 1024,
     colours: int = DEFAULT_COLOURS, kinds: str = "base",
@@ -201,19 +226,20 @@ def iter_shapes(
     """Yield ``(image [R, R, 3] uint8, label)`` for ``per_class`` images of every class, class-major.
 
     Deterministic for a given ``(seed, domain, kinds)``; different domains (and kind sets) draw different geometry.
+    Several domains (``"filled,cutout"``) yield each domain's images in turn, each exactly as that domain alone.
     """
     if per_class < 1 or resolution < 4:
         raise DatasetError(f"shapes needs --per-class >= 1 and --resolution >= 4, got {per_class}, {resolution}")
-    if domain not in DOMAINS:
-        raise DatasetError(f"unknown shapes domain '{domain}'; choose one of {', '.join(DOMAINS)}")
+    domains = shape_domains(domain)
     _check_colours(colours)
     shapes = _kind_set(kinds)
-    stream = [seed, DOMAINS.index(domain)] + ([] if kinds == "base" else [list(KIND_SETS).index(kinds)])
-    rng = np.random.default_rng(stream)
     labels = np.repeat(np.arange(len(shapes) * colours), per_class)
-    for start in range(0, len(labels), chunk):
-        part = labels[start:start + chunk]
-        yield from zip(render_shapes(part, resolution, domain, rng, colours, kinds), part.tolist(), strict=True)
+    for name in domains:
+        stream = [seed, DOMAINS.index(name)] + ([] if kinds == "base" else [list(KIND_SETS).index(kinds)])
+        rng = np.random.default_rng(stream)
+        for start in range(0, len(labels), chunk):
+            part = labels[start:start + chunk]
+            yield from zip(render_shapes(part, resolution, name, rng, colours, kinds), part.tolist(), strict=True)
 
 
 def make_shapes(
@@ -222,11 +248,13 @@ def make_shapes(
 ) -> dict:
     """Write the shapes dataset (4 shapes x ``colours`` colours) as a dataset zip at ``dest`` (atomically).
 
-    ``kinds="novel"`` draws star, hexagon, ring and arrow instead of the base circle, square, triangle and cross.
+    ``kinds="novel"`` draws star, hexagon, ring and arrow instead of the base circle, square, triangle and cross
+    (``"all"``: all eight). Several comma-joined domains write ``per_class`` images of every class in each.
     Returns its ``dataset.json``. The defaults (5 colours, base kinds: 20 classes) write the same bytes as before
     the ``colours`` and ``kinds`` options existed; other choices are recorded in the provenance.
     """
     _check_colours(colours)
+    shape_domains(domain)
     classes = shapes_classes(colours, kinds)
     extra = {"shapes": {"domain": domain, "seed": seed, "per_class": per_class, "resolution": resolution,
                         **({"colours": colours} if colours != DEFAULT_COLOURS else {}),

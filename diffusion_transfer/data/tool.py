@@ -198,11 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--per-class", type=int, default=100, help="images per class (4 shapes x --colours classes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domain", choices=DOMAINS, default="filled")
+    p.add_argument("--domain", default="filled",
+                   help=f"style: one of {', '.join(DOMAINS)}, or several joined by commas (filled,cutout: "
+                        "--per-class images of every class in each, a broad source)")
     p.add_argument("--colours", type=int, default=5, help="colours per shape, 1..8 (5: 20 classes; 8: 32)")
     p.add_argument("--kinds", choices=tuple(KIND_SETS), default="base",
                    help="shape kinds: base = circle, square, triangle, cross; novel = star, hexagon, ring, arrow "
-                        "(classes a base-trained model never saw, for transfer to new classes)")
+                        "(classes a base-trained model never saw, for transfer to new classes); all = the 8 of both")
 
     p = sub.add_parser(
         "convert", help="folder / zip / CIFAR tar.gz -> dataset zip",
