@@ -22,15 +22,26 @@ def checkpoint_callback(path: Path) -> str:
         "dirpath": str(path.parent), "filename": path.stem, "enable_version_counter": False}}])
 
 
+def fit_into(checkpoint: Path, argv: Sequence[str]) -> Path:
+    """``diffusion-transfer fit`` with ``argv``, its last weights saved as ``checkpoint``.
+
+    The fit saves under a ``.partial`` name (its checkpoint callback writes at every epoch) and the file takes its
+    real name only when the fit ends, so a script that skips finished work never takes an interrupted fit for one.
+    """
+    partial = checkpoint.with_name(checkpoint.stem + ".partial.ckpt")
+    cli(["fit", *argv, "--trainer.callbacks", checkpoint_callback(partial)])
+    partial.replace(checkpoint)
+    return checkpoint
+
+
 def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list[str], work: Path) -> None:
     """Train ``config`` on ``data`` into ``checkpoint`` unless it exists (the source model, the feature network)."""
     if checkpoint.exists():
         return
-    cli(["fit", "--config", config, *arch, *CPU_QUIET, "--data.init_args.path", str(data),
-         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
-         "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
-         "--trainer.default_root_dir", str(work / Path(config).stem),
-         "--trainer.callbacks", checkpoint_callback(checkpoint)])
+    fit_into(checkpoint, ["--config", config, *arch, *CPU_QUIET, "--data.init_args.path", str(data),
+                          "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
+                          "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "0",
+                          "--trainer.default_root_dir", str(work / Path(config).stem)])
 
 
 def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, work: Path, num_images: int = 200,

@@ -3,7 +3,13 @@
     make runs/demo/pretrain-unet/final.ckpt runs/demo/features/final.ckpt
     python benchmarks/difftuning.py [--per-class 200] [--steps 3200] [--seeds 0,1,2] [--guidance 1.5,2.0]
     python benchmarks/difftuning.py --backbone dit       # the same on the DiT source (make runs/demo/pretrain-dit/...)
+    python benchmarks/difftuning.py --testbed broad --work runs/bench-difftuning-broad   # the broad source, few-shot
     python benchmarks/difftuning.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
+
+``--testbed broad`` ([reproduction] item 1) builds everything in ``--work``: a source pre-trained (4,800 steps) on
+two styles, "filled" and "cutout", with all 8 shape kinds (40 classes, 100 images of each in each style), and a
+few-shot target in the style the source never saw: 10 "outline" images per class of the same 40 classes (seed
+1000 + s). Its FeatureClassifier and FID reference are a full "outline" set of the 40 classes (100 a class, seed 0).
 
 Protocol, for each seed s:
 1. the source model (``--backbone``): the demo's U-Net pre-trained on "filled" shapes
@@ -35,6 +41,7 @@ import time
 from pathlib import Path
 
 from common import CPU_QUIET, checkpoint_callback, train_once
+from common import evaluate as common_evaluate
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -55,6 +62,13 @@ BACKBONES = {
             ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
              "{hidden_size: 128, depth: 4, num_heads: 4}"]),
 }
+#: --testbed -> shapes options and step counts of the source and the target; "narrow" uses the demo's files.
+TESTBEDS = {
+    "narrow": {"source_domain": "filled", "kinds": "base", "source_steps": 2400, "per_class": 200, "steps": 3200},
+    "broad": {"source_domain": "filled,cutout", "kinds": "all", "source_steps": 4800, "per_class": 10, "steps": 2000},
+}
+
+
 def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch: list[str], work: Path) -> Path:
     config, extra = METHODS[method]
     slug = "".join(c if c.isalnum() else "-" for c in method.lower()).strip("-")
@@ -71,23 +85,22 @@ def fine_tune(method: str, seed: int, data: Path, args: argparse.Namespace, arch
     return checkpoint
 
 
-def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path,
+def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], work: Path,
              guidance: float) -> dict:
-    cli(["validate", "--config", METHODS[method][0], *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
-         "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.target),
-         "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-         "--trainer.default_root_dir", str(output.parent), "--metrics.feature_network", str(args.feature_network),
-         "--metrics.num_images", str(args.num_images), "--metrics.seed", "100000", "--metrics.per_class", "false",
-         "--metrics.kid", "false", "--metrics.precision_recall", "true",
-         "--metrics.sampling", json.dumps({"sampler": "ddpm", "steps": args.eval_steps, "guidance_scale": guidance}),
-         "--metrics.output", str(output)])
-    return json.loads(output.read_text())
+    return common_evaluate(METHODS[method][0], checkpoint, args.feature_network, work, args.num_images,
+                           json.dumps({"sampler": "ddpm", "steps": args.eval_steps, "guidance_scale": guidance}),
+                           [*arch, "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.target),
+                            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--metrics.kid", "false"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=200, help="target images per class (20 classes)")
-    parser.add_argument("--steps", type=int, default=3200, help="fine-tuning steps of each run (batch 64)")
+    parser.add_argument("--testbed", choices=list(TESTBEDS), default="narrow",
+                        help="narrow: the demo's filled source and 20 classes; broad: see the header")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="target images per class (default: the testbed's, 200 narrow, 10 broad)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps of each run, batch 64 (default: the testbed's, 3200 / 2000)")
     parser.add_argument("--backbone", choices=list(BACKBONES), default="unet")
     parser.add_argument("--guidance", default="1.5,2.0", help="guidance scales of the evaluation")
     parser.add_argument("--seeds", default="0,1,2")
@@ -108,8 +121,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny everything in a temporary folder")
     args = parser.parse_args()
     source_config, pretrained, arch = BACKBONES[args.backbone]
-    args.pretrained = args.pretrained or Path(pretrained)
-    args.out = args.out or Path(f"benchmarks/results/difftuning_{args.backbone}.json")
+    testbed = TESTBEDS[args.testbed]
+    args.per_class = args.per_class or testbed["per_class"]
+    args.steps = args.steps or testbed["steps"]
+    args.out = args.out or Path(f"benchmarks/results/difftuning_{args.backbone}"
+                                f"{'_broad' if args.testbed == 'broad' else ''}.json")
     if args.tiny:  # every model, data set and step count shrunk; source model and feature network built here
         tmp = Path(tempfile.mkdtemp(prefix="bench-difftuning-"))
         arch = ["--model.init_args.arch_overrides", "{model_channels: 16, channel_mult: [1, 2], num_blocks: 1, "
@@ -120,8 +136,18 @@ def main() -> None:
         args.num_images, args.eval_steps, args.per_class = 40, 2, 4
         args.pretrained, args.feature_network = tmp / "pretrained.ckpt", tmp / "features.ckpt"
         args.source, args.target = tmp / "filled.zip", tmp / "outline.zip"
-        make_shapes(args.source, resolution=16, per_class=8, seed=0, domain="filled")
-        make_shapes(args.target, resolution=16, per_class=8, seed=1, domain="outline")
+        make_shapes(args.source, resolution=16, per_class=8, seed=0, domain=testbed["source_domain"],
+                    kinds=testbed["kinds"])
+        make_shapes(args.target, resolution=16, per_class=8, seed=1, domain="outline", kinds=testbed["kinds"])
+    elif args.testbed == "broad":  # every file of the broad testbed lives in the work folder, built below
+        args.pretrained = args.pretrained or args.work / "pretrained.ckpt"
+        args.source, args.target = args.work / "shapes-broad-16.zip", args.work / "shapes-outline-all-16.zip"
+        args.feature_network = args.work / "features.ckpt"
+        args.work.mkdir(parents=True, exist_ok=True)
+        for path, domain in ((args.source, testbed["source_domain"]), (args.target, "outline")):
+            if not path.exists():
+                make_shapes(path, resolution=16, per_class=100, seed=0, domain=domain, kinds=testbed["kinds"])
+    args.pretrained = args.pretrained or Path(pretrained)
     for path in (args.source, args.target):
         if not path.exists():
             raise SystemExit(f"{path} is missing; build the demo data first (see this script's header)")
@@ -129,7 +155,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    train_once(source_config, args.source, args.pretrained, 2 if args.tiny else 2400, arch, args.work)
+    train_once(source_config, args.source, args.pretrained, 2 if args.tiny else testbed["source_steps"], arch,
+               args.work)
     train_once("configs/features/shapes.yaml", args.target, args.feature_network, 2 if args.tiny else 800, [],
                args.work)
     bank = args.work / "bank.zip"
@@ -152,14 +179,14 @@ def main() -> None:
     for seed in seeds:
         data = args.work / f"outline-{args.per_class}pc-seed{seed}.zip"
         if not data.exists():
-            make_shapes(data, resolution=16, per_class=args.per_class, seed=1000 + seed, domain="outline")
+            make_shapes(data, resolution=16, per_class=args.per_class, seed=1000 + seed, domain="outline",
+                        kinds=testbed["kinds"])
         for method in methods:
             checkpoint = fine_tune(method, seed, data, args, arch, args.work)
             for g in scales:
-                result = evaluate(method, checkpoint, args, arch,
-                                  args.work / "metrics" / f"{checkpoint.stem}-g{g}.json", g)
-                runs[f"{method}, guidance {g}"].append({"seed": seed, **{k: result["metrics"][k] for k in METRICS},
-                                                       "feature_network": result["feature_network"]})
+                result = evaluate(method, checkpoint, args, arch, args.work / "metrics" / f"{checkpoint.stem}-g{g}", g)
+                runs[f"{method}, guidance {g}"].append({"seed": seed, **{k: result[k] for k in METRICS},
+                                                       "feature_network": str(args.feature_network)})
 
     summary = {row: {k: {"mean": statistics.mean(r[k] for r in rs),
                          "std": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0} for k in METRICS}

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CPU_QUIET, checkpoint_callback, train_once
+from common import CPU_QUIET, checkpoint_callback, fit_into, train_once
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -94,10 +94,9 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
         step += args.chunk
         following = args.work / "converge" / f"step{step}.ckpt"
         if not following.exists():
-            cli(["fit", "--config", args.base_config, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path", str(checkpoint),
-                 "--data.init_args.path", str(args.data), "--trainer.max_steps", str(step),
-                 "--trainer.default_root_dir", str(args.work / "converge"),
-                 "--trainer.callbacks", checkpoint_callback(following)])
+            fit_into(following, ["--config", args.base_config, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path",
+                                 str(checkpoint), "--data.init_args.path", str(args.data), "--trainer.max_steps",
+                                 str(step), "--trainer.default_root_dir", str(args.work / "converge")])
         checkpoint = following
 
 

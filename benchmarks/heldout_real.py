@@ -8,6 +8,9 @@
         --trainer.default_root_dir runs/demo/features-filled
     python benchmarks/heldout_real.py --domain filled --data runs/demo/shapes-filled-16.zip \
         --features runs/demo/features-filled/final.ckpt
+    # the broad testbed's target (benchmarks/difftuning.py --testbed broad builds its files):
+    python benchmarks/heldout_real.py --kinds all --data runs/bench-difftuning-broad/shapes-outline-all-16.zip \
+        --features runs/bench-difftuning-broad/features.ckpt
 
 Draws ``--per-class`` new images per class of the shapes "outline" domain with another shapes seed (200 images by
 default, the size of the demo's evaluation) and scores them exactly as the demo scores its samples: features and
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--domain", default="outline", help="the shapes domain of --data and --features")
+    parser.add_argument("--kinds", default="base", help="the shapes kinds of --data (base, novel or all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_real.jsonl"))
     args = parser.parse_args()
     network = load_feature_classifier(args.features)
@@ -49,14 +53,17 @@ def main() -> None:
     reference = ReferenceStats.load(reference_path)
     with tempfile.TemporaryDirectory() as tmp:
         heldout = Path(tmp) / "heldout.zip"
-        make_shapes(heldout, resolution=16, per_class=args.per_class, seed=args.seed, domain=args.domain)
+        make_shapes(heldout, resolution=16, per_class=args.per_class, seed=args.seed, domain=args.domain,
+                    kinds=args.kinds)
         dataset = ZipImageDataset(heldout)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         labels = np.asarray(dataset.labels)
     features, logits = extract(network, images)
     results = score({"features": features.numpy(), "labels": labels, "logits": logits.numpy(),
-                     "index": np.arange(len(labels))}, reference, ScoreOptions(per_class=False), num_classes=20)
-    row = {"domain": args.domain, "per_class": args.per_class, "seed": args.seed, "feature_network": network.network_id,
+                     "index": np.arange(len(labels))}, reference, ScoreOptions(per_class=False),
+                    num_classes=dataset.num_classes)
+    row = {"domain": args.domain, **({"kinds": args.kinds} if args.kinds != "base" else {}),
+           "per_class": args.per_class, "seed": args.seed, "feature_network": network.network_id,
            **{k: results[k] for k in ("num_images", "accuracy", "precision", "recall", "fid")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as file:
