@@ -8,9 +8,9 @@
         --trainer.default_root_dir runs/demo/features-filled
     python benchmarks/heldout_real.py --domain filled --data runs/demo/shapes-filled-16.zip \
         --features runs/demo/features-filled/final.ckpt
-    # the broad testbed's target (benchmarks/difftuning.py --testbed broad builds its files):
-    python benchmarks/heldout_real.py --kinds all --data runs/bench-difftuning-broad/shapes-outline-all-16.zip \
-        --features runs/bench-difftuning-broad/features.ckpt
+    # the broad testbed's target; WORK is the --work folder of `benchmarks/difftuning.py --testbed broad`, which
+    # builds both files there:
+    python benchmarks/heldout_real.py --kinds all --data WORK/shapes-outline-all-16.zip --features WORK/features.ckpt
 
 Draws ``--per-class`` new images per class of the shapes "outline" domain with another shapes seed (200 images by
 default, the size of the demo's evaluation) and scores them exactly as the demo scores its samples: features and
