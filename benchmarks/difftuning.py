@@ -6,7 +6,8 @@
     python benchmarks/difftuning.py --testbed broad --work runs/bench-difftuning-broad   # the broad source, few-shot
     python benchmarks/difftuning.py --tiny       # smoke test: tiny models, a few steps, results under /tmp
 
-``--testbed broad`` ([reproduction] item 1) builds everything in ``--work``: a source pre-trained (4,800 steps) on
+``--testbed broad`` ([reproduction] item 1) builds everything in ``--work`` (``--source``, ``--target`` and
+``--feature-network`` are then those files, whatever the options say): a source pre-trained (4,800 steps) on
 two styles, "filled" and "cutout", with all 8 shape kinds (40 classes, 100 images of each in each style), and a
 few-shot target in the style the source never saw: 10 "outline" images per class of the same 40 classes (seed
 1000 + s). Its FeatureClassifier and FID reference are a full "outline" set of the 40 classes (100 a class, seed 0).

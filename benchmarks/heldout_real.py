@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from diffusion_transfer.data import ZipImageDataset, make_shapes
+from diffusion_transfer.data.shapes import KIND_SETS
 from diffusion_transfer.metrics import ReferenceStats, load_feature_classifier
 from diffusion_transfer.metrics.evaluation import ScoreOptions, score
 from diffusion_transfer.metrics.features import extract
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--domain", default="outline", help="the shapes domain of --data and --features")
-    parser.add_argument("--kinds", default="base", help="the shapes kinds of --data (base, novel or all)")
+    parser.add_argument("--kinds", choices=tuple(KIND_SETS), default="base", help="the shapes kinds of --data")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_real.jsonl"))
     args = parser.parse_args()
     network = load_feature_classifier(args.features)
