@@ -45,19 +45,19 @@ def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list
 
 
 def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, work: Path, num_images: int = 200,
-             sampling: str | None = None, extra: Sequence[str] = (), seed: int = 100000) -> dict:
+             sampling: str | None = None, extra: Sequence[str] = (), seed: int = 100000,
+             output: str = "metrics.json") -> dict:
     """Sample metrics of ``checkpoint`` (a ``fit`` of ``config``) by ``diffusion-transfer validate``.
 
     ``num_images`` class-balanced samples at seeds ``seed`` on (100000: never used in training), drawn as the config's
     ``metrics.sampling`` says unless ``sampling`` (JSON) is given, scored by the target's FeatureClassifier
     ``features``: FID, precision/recall (k = 3), class accuracy. The run (and its metrics.json) lives in ``work``.
-    ``extra``: more command-line options (e.g. the arch settings of a checkpoint saved by an older version).
-    Returns the report's ``metrics`` dict.
+    ``extra``: more command-line options (e.g. the arch settings of a checkpoint saved by an older version; they come
+    last, so they win). ``output``: the report's file name in ``work``. Returns the report's ``metrics`` dict.
     """
     cli(["validate", "--config", str(config), "--ckpt_path", str(checkpoint), *CPU_QUIET,
          "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work),
          "--metrics.feature_network", str(features), "--metrics.num_images", str(num_images),
          "--metrics.seed", str(seed), "--metrics.per_class", "false", "--metrics.precision_recall", "true",
-         "--metrics.output", "metrics.json",
-         *(["--metrics.sampling", sampling] if sampling else []), *extra])
-    return json.loads((work / "metrics.json").read_text())["metrics"]
+         "--metrics.output", output, *(["--metrics.sampling", sampling] if sampling else []), *extra])
+    return json.loads((work / output).read_text())["metrics"]

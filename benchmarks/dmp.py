@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from common import CPU_QUIET, checkpoint_callback, fit_into, train_once
+from common import evaluate as common_evaluate
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -53,34 +54,43 @@ METHODS = {
     "prompt tuning": (DMP_CONFIG, 1e-4, ["--model.init_args.gating", "false"]),
     "full fine-tuning": (None, 1e-4, []),  # the base's own config (--base-config)
 }
-METRICS = ("fid", "accuracy")
+METRICS = ("fid", "accuracy", "precision", "recall")
 NO_VAL = ["--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
           "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false",
           "--model.init_args.val_num_images", "0"]
 
 
 def evaluate(config: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path) -> dict:
-    """FID and accuracy of ``checkpoint`` (a DMP checkpoint is re-attached to its base) -> the metrics dict."""
-    cli(["validate", "--config", config, *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
-         "--data.init_args.path", str(args.data), "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
-         "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(output.parent),
-         "--metrics.feature_network", str(args.feature_network), "--metrics.reference", str(args.reference),
-         "--metrics.num_images", str(args.num_images), "--metrics.seed", "0", "--metrics.per_class", "false",
-         "--metrics.kid", "false", "--metrics.precision_recall", "false",
-         "--metrics.sampling", json.dumps({"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": 2.0}),
-         "--metrics.output", str(output)])
-    return {k: json.loads(output.read_text())["metrics"][k] for k in METRICS}
+    """FID, precision/recall and accuracy of ``checkpoint`` (a DMP checkpoint is re-attached to its base), against
+    the whole data set, sample seeds 0 on (the same for every model) -> the metrics dict (also in ``output``)."""
+    sampling = json.dumps({"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": 2.0})
+    metrics = common_evaluate(config, checkpoint, args.feature_network, output.parent, args.num_images, sampling,
+                              [*arch, "--data.init_args.path", str(args.data), "--trainer.logger", "false",
+                               "--trainer.callbacks", "[]", "--metrics.reference", str(args.reference),
+                               "--metrics.kid", "false"], seed=0, output=output.name)
+    return {k: metrics[k] for k in METRICS}
+
+
+def adamw(lr: float) -> list[str]:
+    """The CLI override of a run's optimizer: AdamW at ``lr``, no weight decay (every run of this benchmark)."""
+    return ["--model.init_args.optimizer",
+            json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}})]
 
 
 def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict], bool]:
-    """Resume pre-training chunk by chunk until the FID stops improving (or ``--max-chunks``).
+    """Train the base on chunk by chunk until the FID stops improving (or ``--max-chunks``).
 
-    Returns the last checkpoint, the FID curve and whether the FID had stopped improving.
+    Without ``--converge-lr`` the base's own run is resumed (its step count, optimizer and EMA go on). With it, the
+    first chunk is a new fit from ``--pretrained``'s (EMA) weights with a fresh AdamW at that rate, and the next
+    chunks resume that fit; its steps count from 0. Returns the last checkpoint, the FID curve and whether the FID
+    had stopped improving.
     """
-    step = int(torch.load(args.pretrained, map_location="cpu", weights_only=True)["global_step"])
+    fresh = args.converge_lr is not None
+    step = 0 if fresh else int(torch.load(args.pretrained, map_location="cpu", weights_only=True)["global_step"])
+    prefix = f"lr{args.converge_lr:g}-" if fresh else ""
     checkpoint, curve = args.pretrained, []
     while True:
-        output = args.work / "metrics" / f"converge-step{step}.json"
+        output = args.work / "metrics" / f"converge-{prefix}step{step}.json"
         # A rerun with a larger --max-chunks reuses the chunks (and their FIDs) it already has.
         result = ({k: json.loads(output.read_text())["metrics"][k] for k in METRICS} if output.exists()
                   else evaluate(args.base_config, checkpoint, args, arch, output))
@@ -92,11 +102,18 @@ def converge(args: argparse.Namespace, arch: list[str]) -> tuple[Path, list[dict
         if stalled or len(curve) > args.max_chunks:
             return checkpoint, curve, stalled
         step += args.chunk
-        following = args.work / "converge" / f"step{step}.ckpt"
+        following = args.work / "converge" / f"{prefix}step{step}.ckpt"
         if not following.exists():
-            fit_into(following, ["--config", args.base_config, *arch, *CPU_QUIET, *NO_VAL, "--ckpt_path",
-                                 str(checkpoint), "--data.init_args.path", str(args.data), "--trainer.max_steps",
-                                 str(step), "--trainer.default_root_dir", str(args.work / "converge")])
+            if not fresh:
+                start = ["--ckpt_path", str(checkpoint)]
+            elif checkpoint == args.pretrained:
+                start = ["--model.init_args.checkpoint", str(checkpoint), *adamw(args.converge_lr)]
+            else:  # the resumed optimizer keeps its rate; the override only keeps the config consistent with it
+                start = ["--model.init_args.checkpoint", str(args.pretrained), *adamw(args.converge_lr), "--ckpt_path",
+                         str(checkpoint)]
+            fit_into(following, ["--config", args.base_config, *arch, *CPU_QUIET, *NO_VAL, *start,
+                                 "--data.init_args.path", str(args.data), "--trainer.max_steps", str(step),
+                                 "--trainer.default_root_dir", str(args.work / "converge")])
         checkpoint = following
 
 
@@ -113,8 +130,7 @@ def further_train(method: str, seed: int, base: Path, args: argparse.Namespace, 
     checkpoint.unlink(missing_ok=True)
     cli(["fit", "--config", config, *extra, *arch, *CPU_QUIET, *NO_VAL, "--seed_everything", str(seed),
          "--model.init_args.train_seed", str(seed), "--model.init_args.checkpoint", str(base),
-         "--model.init_args.optimizer", json.dumps({"class_path": "torch.optim.AdamW",
-                                                    "init_args": {"lr": lr * args.lr_scale, "weight_decay": 0.0}}),
+         *adamw(lr * args.lr_scale),
          "--ema.decay", "0", "--data.init_args.path", str(args.data), "--trainer.max_steps", str(args.steps),
          "--trainer.default_root_dir", str(args.work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint)])
     return checkpoint
@@ -139,6 +155,9 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--tol", type=float, default=0.03, help="relative FID gain that counts as improving")
     parser.add_argument("--max-chunks", type=int, default=16)
+    parser.add_argument("--converge-lr", type=float, default=None,
+                        help="converge at this learning rate: a new fit from --pretrained's weights (default: resume "
+                             "the base's run at its own rate)")
     parser.add_argument("--allow-unconverged", action="store_true",
                         help="compare the methods even if the FID was still improving after --max-chunks chunks")
     parser.add_argument("--num-images", type=int, default=1000, help="generated images per FID")
@@ -208,12 +227,15 @@ def main() -> None:
     print("\nconvergence (pre-training recipe resumed): "
           + ", ".join(f"step {p['step']}: FID {p['fid']:.2f}" for p in curve) + warning)
     print(f"\n| method (+{args.steps} steps from step {reference['step']}) | trained parameters | FID "
-          f"({args.num_images} images) | FID change | class accuracy | seeds |\n|---|---|---|---|---|---|")
-    print(f"| converged model | - | {reference['fid']:.2f} | - | {reference['accuracy']:.3f} | - |")
+          f"({args.num_images} images) | FID change | class accuracy | precision | recall | seeds |\n"
+          "|---|---|---|---|---|---|---|---|")
+    print(f"| converged model | - | {reference['fid']:.3f} | - | {reference['accuracy']:.3f} | "
+          f"{reference['precision']:.3f} | {reference['recall']:.3f} | - |")
     for method, s in summary.items():
-        print(f"| {method} | {s['trained_parameters']:,} ({s['share']:.2%}) | {s['fid']['mean']:.2f} ± "
-              f"{s['fid']['std']:.2f} | {s['fid_change']:+.2f} | {s['accuracy']['mean']:.3f} ± "
-              f"{s['accuracy']['std']:.3f} | {len(seeds)} |")
+        print(f"| {method} | {s['trained_parameters']:,} ({s['share']:.2%}) | {s['fid']['mean']:.3f} ± "
+              f"{s['fid']['std']:.3f} | {s['fid_change']:+.3f} | {s['accuracy']['mean']:.3f} ± "
+              f"{s['accuracy']['std']:.3f} | {s['precision']['mean']:.3f} | {s['recall']['mean']:.3f} | "
+              f"{len(seeds)} |")
     print(f"wrote {args.out} ({record['minutes']} min)")
 
 

@@ -24,6 +24,8 @@ Protocol:
      with its ∅ row, classifier-free guidance;
    - guidance ablation: FineDiffusion with an extra ∅ row (10% superclass + 10% ∅ labels), sampled with superclass
      guidance and with plain CFG at the same scale from the same weights;
+   - the 2x2 between FineDiffusion and BitFit: "FineDiffusion with flat table" (LN affines on, DiT's flat table, CFG)
+     and "BitFit with tiered table" (LN affines off, the tiered table, superclass guidance);
 4. FID and class accuracy of ``--num-images`` class-balanced samples (EMA weights, DDIM ``--eval-steps``, guidance
    ``--guidance-scale`` for every method) against the reference set;
 5. cost, once per method in a fresh subprocess: median training-step time (forward + backward + AdamW + EMA, after
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import lightning as L
 from common import CPU_QUIET, checkpoint_callback, train_once
+from common import evaluate as common_evaluate
 
 from diffusion_transfer.cli import build_cli
 from diffusion_transfer.cli import main as cli
@@ -66,9 +69,13 @@ METHODS = {
     "BitFit": ["--model.init_args.peft", "bitfit", *FLAT],
     "DiffFit": ["--model.init_args.peft", "difffit", *FLAT],
     "FineDiffusion + ∅ row": ["--model.init_args.peft", "finediffusion", "--model.init_args.null_dropout_prob", "0.1"],
+    # The two differences between FineDiffusion and BitFit, one at a time (a 2x2 with those two rows):
+    # FineDiffusion's LayerNorm affines with BitFit's flat table and CFG, and BitFit with FineDiffusion's table.
+    "FineDiffusion with flat table": ["--model.init_args.peft", "finediffusion", *FLAT],
+    "BitFit with tiered table": ["--model.init_args.peft", "bitfit"],
 }
 ABLATION = "FineDiffusion + ∅ row"
-METRICS = ("fid", "accuracy")
+METRICS = ("fid", "accuracy", "precision", "recall")
 
 
 def slug(name: str) -> str:
@@ -93,17 +100,16 @@ def fine_tune(method: str, seed: int, args: argparse.Namespace, arch: list[str])
 
 def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list[str], output: Path,
              guidance: str | None = None) -> dict:
+    """FID, precision/recall and accuracy of ``checkpoint`` against the reference set, sample seeds 0 on (the same
+    for every method), with ``guidance`` (superclass / cfg) or the method's own -> the metrics dict."""
     sampling = {"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": args.guidance_scale}
     if guidance:
         sampling["guidance"] = guidance
-    cli(["validate", *common(args, arch, method), "--ckpt_path", str(checkpoint), "--model.init_args.checkpoint",
-         "null", "--data.init_args.path", str(args.reference), "--trainer.limit_val_batches", "1",
-         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(output.parent),
-         "--metrics.feature_network", str(args.feature_network), "--metrics.num_images", str(args.num_images),
-         "--metrics.seed", "0", "--metrics.per_class", "false", "--metrics.kid", "false",
-         "--metrics.precision_recall", "false", "--metrics.sampling", json.dumps(sampling),
-         "--metrics.output", str(output)])
-    return json.loads(output.read_text())["metrics"]
+    return common_evaluate(CONFIG, checkpoint, args.feature_network, output.parent, args.num_images,
+                           json.dumps(sampling), [*common(args, arch, method)[2:], "--model.init_args.checkpoint",
+                                                  "null", "--data.init_args.path", str(args.reference),
+                                                  "--trainer.logger", "false", "--trainer.callbacks", "[]",
+                                                  "--metrics.kid", "false"], seed=0, output=output.name)
 
 
 # ---------------------------------------------------------------------------------------------- cost (subprocess)
@@ -245,15 +251,16 @@ def main() -> None:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     full_ms = cost["full fine-tuning"]["step_ms"] if "full fine-tuning" in cost else None  # absent with --methods
     print(f"\n| method | guidance (s = {args.guidance_scale}) | FID ({args.num_images} images) | class accuracy | "
-          "trainable | stored | checkpoint | step time (speed-up vs full) | peak RSS (growth in fit) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "precision | recall | trainable | stored | checkpoint | step time (speed-up vs full) | peak RSS (growth in "
+          "fit) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         method = name.removesuffix(", CFG")
         c = cost[method]
-        guidance = "CFG" if name.endswith(", CFG") or "--model.init_args.tiered" in METHODS[method] else "superclass"
+        guidance = "CFG" if name.endswith(", CFG") or "cfg" in METHODS[method] else "superclass"
         speed_up = f"{full_ms / c['step_ms']:.2f}x" if full_ms else "n/a"
         print(f"| {method} | {guidance} | {s['fid']['mean']:.2f} ± {s['fid']['std']:.2f} | "
-              f"{s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | {100 * c['trainable'] / c['total']:.2f}% | "
+              f"{s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | {s['precision']['mean']:.3f} | "
+              f"{s['recall']['mean']:.3f} | {100 * c['trainable'] / c['total']:.2f}% | "
               f"{100 * s['stored_share']['mean']:.2f}% | {s['checkpoint_bytes']['mean'] / 2**20:.2f} MiB | "
               f"{c['step_ms']:.0f} ms ({speed_up}) | {c['peak_rss_mb']:.0f} MB (+{c['rss_growth_mb']:.0f}) |")
     print(f"seeds: {seeds}; {args.steps} steps at batch {args.batch}; wrote {args.out} ({record['minutes']} min)")
