@@ -26,6 +26,8 @@ Protocol:
      guidance and with plain CFG at the same scale from the same weights;
    - the 2x2 between FineDiffusion and BitFit: "FineDiffusion with flat table" (LN affines on, DiT's flat table, CFG)
      and "BitFit with tiered table" (LN affines off, the tiered table, superclass guidance);
+   - "FineDiffusion with colour superclasses": the 8 colours as the superclasses (the data's are the 4 kinds), so
+     that a class differs from its superclass in shape;
 4. FID and class accuracy of ``--num-images`` class-balanced samples (EMA weights, DDIM ``--eval-steps``, guidance
    ``--guidance-scale`` for every method) against the reference set;
 5. cost, once per method in a fresh subprocess: median training-step time (forward + backward + AdamW + EMA, after
@@ -56,6 +58,7 @@ from diffusion_transfer.data import make_shapes
 from diffusion_transfer.io.peft_checkpoint import peft_checkpoint_info
 
 CONFIG = "configs/finediffusion/shapes.yaml"
+COLOURS = 8  # the target's colours: 4 kinds x 8 colours, class = kind * COLOURS + colour
 FLAT = ["--model.init_args.tiered", "false", "--model.init_args.guidance", "cfg"]
 #: name -> model overrides. The last one is the guidance ablation (evaluated twice).
 METHODS = {
@@ -73,8 +76,15 @@ METHODS = {
     # FineDiffusion's LayerNorm affines with BitFit's flat table and CFG, and BitFit with FineDiffusion's table.
     "FineDiffusion with flat table": ["--model.init_args.peft", "finediffusion", *FLAT],
     "BitFit with tiered table": ["--model.init_args.peft", "bitfit"],
+    # The data's superclass is the shape kind, and its fine classes differ in colour only; here (HIERARCHY) the
+    # superclass is the colour, so a class differs from its superclass in shape, as an iNat species from its
+    # supercategory.
+    "FineDiffusion with colour superclasses": ["--model.init_args.peft", "finediffusion"],
 }
 ABLATION = "FineDiffusion + ∅ row"
+#: methods trained and scored with another hierarchy in the data's dataset.json (the same images): make_shapes'
+#: ``superclass``. Every other method sees the kind superclasses.
+HIERARCHY = {"FineDiffusion with colour superclasses": "colour"}
 METRICS = ("fid", "accuracy", "precision", "recall")
 
 
@@ -86,12 +96,32 @@ def common(args: argparse.Namespace, arch: list[str], method: str) -> list[str]:
     return ["--config", CONFIG, *METHODS[method], *arch, *CPU_QUIET, "--data.init_args.batch_size", str(args.batch)]
 
 
+def target_sets(args: argparse.Namespace, method: str | None = None) -> tuple[Path, Path]:
+    """The (training, reference) zips ``method`` sees, built when missing: the shared ones (kind superclasses), or
+    for a method of :data:`HIERARCHY` the same images with its hierarchy, beside them."""
+    superclass = HIERARCHY.get(method, "kind")
+    if superclass == "kind":
+        data, reference = args.data, args.reference
+    elif args.data_given:
+        raise SystemExit(f"{method} needs the target built here with {superclass} superclasses; leave out --data")
+    else:
+        data, reference = (p.with_name(f"{p.stem}-{superclass}-superclasses.zip") for p in (args.data, args.reference))
+    if not data.exists():
+        make_shapes(data, resolution=16, per_class=args.per_class, seed=2, colours=COLOURS, domain=args.domain,
+                    superclass=superclass)
+    if not reference.exists():
+        make_shapes(reference, resolution=16, per_class=6 if args.tiny else 100, seed=3, colours=COLOURS,
+                    domain=args.domain, superclass=superclass)
+    return data, reference
+
+
 def fine_tune(method: str, seed: int, args: argparse.Namespace, arch: list[str]) -> Path:
     checkpoint = args.work / "checkpoints" / f"{slug(method)}-seed{seed}.ckpt"
     checkpoint.unlink(missing_ok=True)
     cli(["fit", *common(args, arch, method), "--seed_everything", str(seed), "--model.init_args.train_seed", str(seed),
          "--model.init_args.checkpoint", str(args.pretrained), "--model.init_args.val_num_images", "0",
-         "--data.init_args.path", str(args.data), "--data.init_args.seed", str(seed), "--trainer.max_steps",
+         "--data.init_args.path", str(target_sets(args, method)[0]), "--data.init_args.seed", str(seed),
+         "--trainer.max_steps",
          str(args.steps), "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
          "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false", "--trainer.default_root_dir",
          str(args.work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint)])
@@ -107,7 +137,8 @@ def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list
         sampling["guidance"] = guidance
     return common_evaluate(CONFIG, checkpoint, args.feature_network, output.parent, args.num_images,
                            json.dumps(sampling), [*common(args, arch, method)[2:], "--model.init_args.checkpoint",
-                                                  "null", "--data.init_args.path", str(args.reference),
+                                                  "null", "--data.init_args.path",
+                                                  str(target_sets(args, method)[1]),
                                                   "--trainer.logger", "false", "--trainer.callbacks", "[]",
                                                   "--metrics.kid", "false"], seed=0, output=output.name)
 
@@ -156,7 +187,8 @@ def profile_child(method: str, args: argparse.Namespace, arch: list[str]) -> Non
 
 def profile(method: str, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--profile", method, "--work", str(args.work), "--pretrained",
-            str(args.pretrained), "--data", str(args.data), "--profile-steps", str(args.profile_steps),
+            str(args.pretrained), "--data", str(target_sets(args, method)[0]), "--profile-steps",
+            str(args.profile_steps),
             "--batch", str(args.batch), *(["--tiny"] if args.tiny else [])]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("PROFILE "))[8:])
@@ -200,16 +232,13 @@ def main() -> None:
     if not args.pretrained.exists():
         raise SystemExit(f"{args.pretrained} is missing; build it first: make {args.pretrained}")
     args.work.mkdir(parents=True, exist_ok=True)
+    args.data_given = args.data is not None
     args.data = args.data or args.work / f"shapes8-{args.domain}-16-{args.per_class}pc.zip"
     args.reference = args.work / f"shapes8-{args.domain}-16-reference.zip"
     # The filled set's names are kept from before --domain, so an existing work folder is reused.
     args.feature_network = args.work / ("features-shapes8.ckpt" if args.domain == "filled"
                                         else f"features-shapes8-{args.domain}.ckpt")
-    if not args.data.exists():
-        make_shapes(args.data, resolution=16, per_class=args.per_class, seed=2, colours=8, domain=args.domain)
-    if not args.reference.exists():
-        make_shapes(args.reference, resolution=16, per_class=6 if args.tiny else 100, seed=3, colours=8,
-                    domain=args.domain)
+    target_sets(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
     train_once("configs/features/shapes.yaml", args.reference, args.feature_network, 2 if args.tiny else 400, [],

@@ -15,6 +15,7 @@ from PIL import Image
 from diffusion_transfer.data import (
     ClassInfo,
     DatasetError,
+    DiffusionDataModule,
     ImageFolderDataset,
     ZipImageDataset,
     convert,
@@ -384,6 +385,24 @@ def test_novel_shapes_dataset_names_classes_and_records_kinds(tmp_path: Path) ->
                               _pixels(ZipImageDataset(tmp_path / "base.zip")))
     with pytest.raises(DatasetError, match="unknown shapes kinds 'odd'; choose one of base, novel"):
         make_shapes(tmp_path / "x.zip", kinds="odd")
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_colour_superclasses_change_the_hierarchy_not_the_images(tmp_path: Path) -> None:
+    by_kind = make_shapes(tmp_path / "kind.zip", resolution=8, per_class=2, seed=0, colours=3)
+    by_colour = make_shapes(tmp_path / "colour.zip", resolution=8, per_class=2, seed=0, colours=3,
+                            superclass="colour")
+    # Class c is kind c // 3 in colour c % 3: its superclass is now the colour, named after it.
+    assert by_colour["superclasses"] == [c % 3 for c in range(12)]
+    assert by_colour["superclass_names"] == ["red", "green", "blue"]
+    assert by_colour["class_names"] == by_kind["class_names"] and by_colour["labels"] == by_kind["labels"]
+    assert by_colour["shapes"]["superclass"] == "colour" and "superclass" not in by_kind["shapes"]
+    assert np.array_equal(_pixels(ZipImageDataset(tmp_path / "kind.zip")),
+                          _pixels(ZipImageDataset(tmp_path / "colour.zip")))
+    # The datamodule hands the colour hierarchy to a model (FineDiffusion's superclass rows).
+    assert DiffusionDataModule(str(tmp_path / "colour.zip")).superclass_of == [c % 3 for c in range(12)]
+    with pytest.raises(DatasetError, match="unknown shapes superclass 'size'; choose one of kind, colour"):
+        make_shapes(tmp_path / "x.zip", superclass="size")
     assert not (tmp_path / "x.zip").exists()
 
 

@@ -67,14 +67,28 @@ def _kind_set(kinds: str) -> tuple[str, ...]:
     return KIND_SETS[kinds]
 
 
-def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base") -> ClassInfo:
-    """Class names (``"red circle"`` ...) and the class -> shape-kind hierarchy, for ``colours`` colours."""
+#: what a class's superclass is: its shape kind (the classes of a superclass differ in colour only), or its colour
+#: (they differ in shape, as the species of one iNat supercategory differ in form).
+SUPERCLASS_BY = ("kind", "colour")
+
+
+def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base", superclass: str = "kind") -> ClassInfo:
+    """Class names (``"red circle"`` ...) and the class -> superclass hierarchy, for ``colours`` colours.
+
+    Class ``c`` is kind ``c // colours`` in colour ``c % colours``; its superclass is the kind (default) or, with
+    ``superclass="colour"``, the colour.
+    """
     _check_colours(colours)
+    if superclass not in SUPERCLASS_BY:
+        raise DatasetError(f"unknown shapes superclass '{superclass}'; choose one of {', '.join(SUPERCLASS_BY)}")
     shapes = _kind_set(kinds)
     palette = list(PALETTE)[:colours]
     names = [f"{colour} {shape}" for shape in shapes for colour in palette]
-    superclasses = [c // colours for c in range(len(shapes) * colours)]
-    return ClassInfo(class_names=names, superclasses=superclasses, superclass_names=list(shapes))
+    if superclass == "colour":
+        return ClassInfo(class_names=names, superclasses=[c % colours for c in range(len(names))],
+                         superclass_names=palette)
+    return ClassInfo(class_names=names, superclasses=[c // colours for c in range(len(names))],
+                     superclass_names=list(shapes))
 
 
 def _base_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
@@ -244,20 +258,23 @@ def iter_shapes(
 
 def make_shapes(
     dest: str | Path, resolution: int = 16, per_class: int = 100, seed: int = 0, domain: str = "filled",
-    colours: int = DEFAULT_COLOURS, kinds: str = "base",
+    colours: int = DEFAULT_COLOURS, kinds: str = "base", superclass: str = "kind",
 ) -> dict:
     """Write the shapes dataset (4 shapes x ``colours`` colours) as a dataset zip at ``dest`` (atomically).
 
     ``kinds="novel"`` draws star, hexagon, ring and arrow instead of the base circle, square, triangle and cross
     (``"all"``: all eight). Several comma-joined domains write ``per_class`` images of every class in each.
-    Returns its ``dataset.json``. The defaults (5 colours, base kinds: 20 classes) write the same bytes as before
-    the ``colours`` and ``kinds`` options existed; other choices are recorded in the provenance.
+    ``superclass``: the hierarchy written to ``dataset.json`` (:func:`shapes_classes`; the images do not change).
+    Returns its ``dataset.json``. The defaults (5 colours, base kinds, kind superclasses: 20 classes) write the same
+    bytes as before the ``colours``, ``kinds`` and ``superclass`` options existed; other choices are recorded in the
+    provenance.
     """
     _check_colours(colours)
     shape_domains(domain)
-    classes = shapes_classes(colours, kinds)
+    classes = shapes_classes(colours, kinds, superclass)
     extra = {"shapes": {"domain": domain, "seed": seed, "per_class": per_class, "resolution": resolution,
                         **({"colours": colours} if colours != DEFAULT_COLOURS else {}),
-                        **({"kinds": kinds} if kinds != "base" else {})}}
+                        **({"kinds": kinds} if kinds != "base" else {}),
+                        **({"superclass": superclass} if superclass != "kind" else {})}}
     return write_dataset_zip(dest, iter_shapes(per_class, resolution, seed, domain, colours=colours, kinds=kinds),
                              classes, extra)

@@ -34,7 +34,7 @@ from PIL import Image
 from .archive import DatasetError, ImageCollection, one_line
 from .datasets import open_dataset
 from .longtail import PROFILES, make_longtail
-from .shapes import DOMAINS, KIND_SETS, make_shapes
+from .shapes import DOMAINS, KIND_SETS, SUPERCLASS_BY, make_shapes
 from .sources import TRANSFORMS, convert, open_source
 
 
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", choices=tuple(KIND_SETS), default="base",
                    help="shape kinds: base = circle, square, triangle, cross; novel = star, hexagon, ring, arrow "
                         "(classes a base-trained model never saw, for transfer to new classes); all = the 8 of both")
+    p.add_argument("--superclass", choices=SUPERCLASS_BY, default="kind",
+                   help="the hierarchy in dataset.json: each class's shape kind (its superclass's classes differ in "
+                        "colour) or its colour (they differ in shape); the images are the same")
 
     p = sub.add_parser(
         "convert", help="folder / zip / CIFAR tar.gz -> dataset zip",
@@ -267,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "shapes":
             meta = make_shapes(args.dest, args.resolution, args.per_class, args.seed, args.domain, args.colours,
-                               args.kinds)
+                               args.kinds, args.superclass)
             print(f"wrote {args.dest}: {len(meta['labels'])} images, {args.resolution}x{args.resolution}, "
                   f"{len(meta['class_names'])} classes ({', '.join(meta['superclass_names'])}), domain {args.domain} "
                   f"({time.perf_counter() - start:.1f} s)")
