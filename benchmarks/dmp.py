@@ -224,7 +224,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     warning = "" if stalled else "; WARNING: the FID had not stopped improving within --max-chunks chunks"
-    print("\nconvergence (pre-training recipe resumed): "
+    recipe = f"at lr {args.converge_lr:g}, a new fit" if args.converge_lr is not None else "the base's run resumed"
+    print(f"\nconvergence ({recipe}): "
           + ", ".join(f"step {p['step']}: FID {p['fid']:.2f}" for p in curve) + warning)
     print(f"\n| method (+{args.steps} steps from step {reference['step']}) | trained parameters | FID "
           f"({args.num_images} images) | FID change | class accuracy | precision | recall | seeds |\n"
