@@ -44,20 +44,29 @@ def train_once(config: str, data: Path, checkpoint: Path, steps: int, arch: list
                           "--trainer.default_root_dir", str(work / Path(config).stem)])
 
 
-def evaluate(config: str | Path, checkpoint: str | Path, features: str | Path, work: Path, num_images: int = 200,
-             sampling: str | None = None, extra: Sequence[str] = (), seed: int = 100000,
-             output: str = "metrics.json") -> dict:
-    """Sample metrics of ``checkpoint`` (a ``fit`` of ``config``) by ``diffusion-transfer validate``.
+def evaluate_report(config: str | Path, checkpoint: str | Path | None, features: str | Path, work: Path,
+                    num_images: int = 200, sampling: str | None = None, extra: Sequence[str] = (), seed: int = 100000,
+                    output: str = "metrics.json") -> dict:
+    """Sample metrics of ``checkpoint`` (a ``fit`` of ``config``) by ``diffusion-transfer validate``: the whole report.
 
     ``num_images`` class-balanced samples at seeds ``seed`` on (100000: never used in training), drawn as the config's
     ``metrics.sampling`` says unless ``sampling`` (JSON) is given, scored by the target's FeatureClassifier
-    ``features``: FID, precision/recall (k = 3), class accuracy. The run (and its metrics.json) lives in ``work``.
-    ``extra``: more command-line options (e.g. the arch settings of a checkpoint saved by an older version; they come
-    last, so they win). ``output``: the report's file name in ``work``. Returns the report's ``metrics`` dict.
+    ``features``: FID, precision/recall (k = 3), class accuracy. ``checkpoint`` None validates the config's own
+    starting weights (``model.init_args.checkpoint``). The run (and its report) lives in ``work``. ``extra``: more
+    command-line options (e.g. the arch settings of a checkpoint saved by an older version, or other metrics
+    switches; they come last, so they win). ``output``: the report's file name in ``work``. Returns the report:
+    ``metrics`` beside the feature network and reference it was measured with.
     """
-    cli(["validate", "--config", str(config), "--ckpt_path", str(checkpoint), *CPU_QUIET,
+    cli(["validate", "--config", str(config), *(["--ckpt_path", str(checkpoint)] if checkpoint else []), *CPU_QUIET,
          "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(work),
          "--metrics.feature_network", str(features), "--metrics.num_images", str(num_images),
          "--metrics.seed", str(seed), "--metrics.per_class", "false", "--metrics.precision_recall", "true",
          "--metrics.output", output, *(["--metrics.sampling", sampling] if sampling else []), *extra])
-    return json.loads((work / output).read_text())["metrics"]
+    return json.loads((work / output).read_text())
+
+
+def evaluate(config: str | Path, checkpoint: str | Path | None, features: str | Path, work: Path,
+             num_images: int = 200, sampling: str | None = None, extra: Sequence[str] = (), seed: int = 100000,
+             output: str = "metrics.json") -> dict:
+    """The ``metrics`` dict of :func:`evaluate_report` (same arguments)."""
+    return evaluate_report(config, checkpoint, features, work, num_images, sampling, extra, seed, output)["metrics"]

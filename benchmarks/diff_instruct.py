@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CPU_QUIET, checkpoint_callback, train_once
+from common import CPU_QUIET, checkpoint_callback, evaluate_report, train_once
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -57,15 +57,15 @@ def distil(seed: int, args: argparse.Namespace, arch: list[str]) -> Path:
     return checkpoint
 
 
-def evaluate(config: str, model_args: list[str], sampling: dict, seed: int, args: argparse.Namespace,
-             arch: list[str], output: Path) -> dict:
-    cli(["validate", "--config", config, *arch, *CPU_QUIET, *model_args, "--data.init_args.path", str(args.data),
-         "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-         "--trainer.default_root_dir", str(output.parent), "--metrics.feature_network", str(args.feature_network),
-         "--metrics.num_images", str(args.num_images), "--metrics.seed", str(seed * 100000),
-         "--metrics.per_class", "false", "--metrics.kid", "false", "--metrics.precision_recall", "false",
-         "--metrics.sampling", json.dumps(sampling), "--metrics.output", str(output)])
-    result = json.loads(output.read_text())
+def evaluate(config: str, checkpoint: Path | None, model_args: list[str], sampling: dict, seed: int,
+             args: argparse.Namespace, arch: list[str], output: Path) -> dict:
+    """FID and accuracy of ``checkpoint`` (None: the config's starting weights as ``model_args`` set them)."""
+    result = evaluate_report(
+        config, checkpoint, args.feature_network, output.parent, args.num_images,
+        json.dumps(sampling) if sampling else None,
+        [*arch, *model_args, "--data.init_args.path", str(args.data), "--trainer.logger", "false",
+         "--trainer.callbacks", "[]", "--metrics.kid", "false", "--metrics.precision_recall", "false"],
+        seed=seed * 100000, output=output.name)
     return {"seed": seed, **{k: result["metrics"][k] for k in METRICS}}
 
 
@@ -127,11 +127,11 @@ def main() -> None:
         checkpoint = distil(seed, args, arch)
         fit_seconds.append(time.time() - fit_started)
         metrics = args.work / "metrics"
-        rows[names[0]].append(evaluate(DI_CONFIG, ["--ckpt_path", str(checkpoint), "--model.init_args.checkpoint",
-                                                   "null"], {}, seed, args, arch, metrics / f"di-{seed}.json"))
-        rows[names[1]].append(evaluate(DI_CONFIG, ["--model.init_args.checkpoint", str(args.teacher)], {}, seed, args,
-                                       arch, metrics / f"init-{seed}.json"))
-        rows[names[2]].append(evaluate(TEACHER_CONFIG, ["--ckpt_path", str(args.teacher)], HEUN, seed, args, arch,
+        rows[names[0]].append(evaluate(DI_CONFIG, checkpoint, ["--model.init_args.checkpoint", "null"], {}, seed, args,
+                                       arch, metrics / f"di-{seed}.json"))
+        rows[names[1]].append(evaluate(DI_CONFIG, None, ["--model.init_args.checkpoint", str(args.teacher)], {}, seed,
+                                       args, arch, metrics / f"init-{seed}.json"))
+        rows[names[2]].append(evaluate(TEACHER_CONFIG, args.teacher, [], HEUN, seed, args, arch,
                                        metrics / f"teacher-{seed}.json"))
 
     model = DiffInstruct.load_from_checkpoint(checkpoint, map_location="cpu").eval()  # the last seed's

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import CPU_QUIET, checkpoint_callback, train_once
+from common import CPU_QUIET, checkpoint_callback, evaluate_report, train_once
 
 from diffusion_transfer.cli import main as cli
 from diffusion_transfer.data import make_shapes
@@ -81,15 +81,12 @@ def evaluate(method: str, checkpoint: Path, args: argparse.Namespace, arch: list
     """Validate with metrics: the data module keeps the long-tailed class counts (for the tail), while the reference
     statistics are those of the full balanced zip (``<zip>.<network>.npz``)."""
     sampling = {"sampler": "ddim", "steps": args.eval_steps, "guidance_scale": guidance_scale}
-    cli(["validate", "--config", config(method), *arch, *CPU_QUIET, "--ckpt_path", str(checkpoint),
-         "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.data),
-         "--data.init_args.longtail_imbalance", str(args.imbalance), "--trainer.limit_val_batches", "1",
-         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(output.parent),
-         "--metrics.feature_network", str(args.feature_network), "--metrics.num_images", str(args.num_images),
-         "--metrics.seed", "0", "--metrics.per_class", "true", "--metrics.tail_fraction", "0.3",
-         "--metrics.kid", "false", "--metrics.precision_recall", "false",
-         "--metrics.sampling", json.dumps(sampling), "--metrics.output", str(output)])
-    return json.loads(output.read_text())
+    return evaluate_report(
+        config(method), checkpoint, args.feature_network, output.parent, args.num_images, json.dumps(sampling),
+        [*arch, "--model.init_args.checkpoint", "null", "--data.init_args.path", str(args.data),
+         "--data.init_args.longtail_imbalance", str(args.imbalance), "--trainer.logger", "false",
+         "--trainer.callbacks", "[]", "--metrics.per_class", "true", "--metrics.tail_fraction", "0.3",
+         "--metrics.kid", "false", "--metrics.precision_recall", "false"], seed=0, output=output.name)
 
 
 def summarise(values: list[float | None]) -> dict[str, float | None]:
