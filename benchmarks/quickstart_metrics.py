@@ -4,10 +4,11 @@
     python benchmarks/quickstart_metrics.py [--num-images 1000] [--seeds 0,100000,200000] [--steps 50]
 
 Each model is evaluated on the quickstart's target data (outline shapes) through
-``diffusion-transfer validate`` with the shapes FeatureClassifier, DDIM (``--steps``) and the config's
-guidance 2.0, balanced labels, for each seed offset. Rows: FID, KID, precision, recall, class accuracy
-(mean and spread over the seed offsets). Writes benchmarks/results/quickstart_metrics.json and prints
-Markdown rows for docs/results.md.
+``diffusion-transfer validate`` with the shapes FeatureClassifier, ``--sampler`` (default DDIM) with ``--steps`` and
+the config's guidance 2.0, balanced labels, for each seed offset. The source model is the config's starting weights
+(``model.init_args.checkpoint``: the demo's pre-trained U-Net); "untrained" switches them off. Rows: FID, KID,
+precision, recall, class accuracy (mean and spread over the seed offsets). Writes
+benchmarks/results/quickstart_metrics.json and prints Markdown rows for docs/results.md.
 """
 
 from __future__ import annotations
@@ -18,42 +19,37 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from diffusion_transfer.cli import main as cli
+from common import evaluate_report
 
-DEMO = Path("runs/demo")
+CONFIG, DEMO = "configs/quickstart.yaml", Path("runs/demo")
+#: name: (checkpoint to validate or None for the config's starting weights, extra options)
 MODELS = {
-    "untrained (random init)": None,
-    "source model (pre-trained on filled shapes)": DEMO / "pretrain-dit/final.ckpt",
-    "transferred (quickstart fine-tune on outline)": DEMO / "quickstart/final.ckpt",
+    "untrained (random init)": (None, ["--model.init_args.checkpoint", "null"]),
+    "source model (pre-trained on filled shapes)": (None, []),
+    "transferred (quickstart fine-tune on outline)": (DEMO / "quickstart/final.ckpt", []),
 }
 METRICS = ("fid", "kid", "precision", "recall", "accuracy")
-
-
-def evaluate(checkpoint: Path | None, seed: int, args: argparse.Namespace, output: Path) -> dict:
-    command = ["validate", "--config", "configs/quickstart.yaml", "--trainer.limit_val_batches", "1",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(output.parent),
-               "--metrics.feature_network", str(DEMO / "features/final.ckpt"),
-               "--metrics.num_images", str(args.num_images), "--metrics.seed", str(seed),
-               "--metrics.per_class", "false", "--metrics.sampling", json.dumps({"steps": args.steps}),
-               "--metrics.output", str(output)]
-    # Without a checkpoint the config's starting weights (model.init_args.checkpoint) are switched off too.
-    cli(command + (["--ckpt_path", str(checkpoint)] if checkpoint else ["--model.init_args.checkpoint", "null"]))
-    return json.loads(output.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--seeds", default="0,100000,200000", help="first seed of each evaluation")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", default="benchmarks/results/quickstart_metrics.json")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, checkpoint in MODELS.items():
-            runs = [evaluate(checkpoint, seed, args, Path(tmp) / f"{len(results)}-{seed}.json") for seed in seeds]
-            results[name] = {"checkpoint": str(checkpoint), "runs": [r["metrics"] for r in runs],
+        for name, (checkpoint, extra) in MODELS.items():
+            if checkpoint is not None and not checkpoint.exists():
+                raise SystemExit(f"{checkpoint} is missing; run `make demo` first")
+            sampling = json.dumps({"sampler": args.sampler, "steps": args.steps})
+            runs = [evaluate_report(CONFIG, checkpoint, DEMO / "features/final.ckpt", Path(tmp), args.num_images,
+                                    sampling, extra, seed, f"{len(results)}-{seed}.json") for seed in seeds]
+            weights = str(checkpoint) if checkpoint else "none" if extra else "the config's starting weights"
+            results[name] = {"checkpoint": weights, "runs": [r["metrics"] for r in runs],
                              "protocol": runs[0]["protocol"], "feature_network": runs[0]["feature_network"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

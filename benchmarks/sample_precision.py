@@ -18,24 +18,23 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from diffusion_transfer.cli import main as cli
+from common import evaluate as common_evaluate
 
 METRICS = ("fid", "precision", "recall", "accuracy")
 
 
 def evaluate(precision: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
-    output = work / f"{precision}-{seed}.json"
-    cli(["validate", "--config", args.config, "--ckpt_path", str(args.checkpoint), "--trainer.limit_val_batches", "1",
-         "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
-         "--trainer.default_root_dir", str(work), "--model.init_args.sample_precision", precision,
-         "--metrics.seed", str(seed), "--metrics.num_images", str(args.num_images), "--metrics.output", str(output)])
-    return json.loads(output.read_text())["metrics"]
+    """Metrics of the checkpoint sampled in ``precision`` (``32`` or ``bf16``) under a float32 Trainer."""
+    return common_evaluate(args.config, args.checkpoint, args.feature_network, work, args.num_images, None,
+                           ["--trainer.precision", "32-true", "--model.init_args.sample_precision", precision],
+                           seed, f"{precision}-{seed}.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/quickstart/final.ckpt"))
+    parser.add_argument("--feature-network", type=Path, default=Path("runs/demo/features/final.ckpt"))
     parser.add_argument("--seeds", default="100000,200000,300000", help="first seed of each evaluation")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--out", default="benchmarks/results/sample_precision_demo.json")

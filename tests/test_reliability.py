@@ -85,30 +85,42 @@ def kill_at(config: Path, step: int, env: dict) -> int:
     return saved_step(config.parent / "ckpt" / "last.ckpt")
 
 
+def fit_settings(method: str, files: dict[str, Path]) -> tuple[dict, dict]:
+    """The model and EMA settings of the killed fits."""
+    if method == "Diffusion":
+        return TINY_DIT, {"decay": 0.9}
+    # two optimizers, manual optimization: global_step advances by 2 per batch
+    return ({"class_path": "DiffInstruct", "init_args": {
+        "arch_overrides": TINY_UNET, "checkpoint": str(files["teacher"]), "lr": 1e-3, "glr": 1e-3,
+        "val_num_images": 0}}, {"halflife_kimg": 0.05, "submodule": "generator"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run folders of the uninterrupted fits by method, filled by the first test of each method."""
+    return {"folder": tmp_path_factory.mktemp("uninterrupted")}
+
+
 # 80 images in batches of 16: 5 batches an epoch. Diffusion takes one optimizer step per batch, DiffInstruct two.
 # Kills mid-epoch, and right after an epoch's last batch (a checkpoint whose loader state holds the whole epoch:
 # before ResumableDataLoader.load_state_dict treated it as a finished epoch, that resume ended 8e-3 away).
 @pytest.mark.parametrize(("method", "kill_step"), [("Diffusion", 12), ("DiffInstruct", 14), ("Diffusion", 10),
                                                    ("DiffInstruct", 20)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(method: str, kill_step: int, files: dict[str, Path],
-                                                         tmp_path: Path) -> None:
-    if method == "Diffusion":
-        model, ema = TINY_DIT, {"decay": 0.9}
-    else:  # two optimizers, manual optimization: global_step advances by 2 per batch
-        model = {"class_path": "DiffInstruct", "init_args": {
-            "arch_overrides": TINY_UNET, "checkpoint": str(files["teacher"]), "lr": 1e-3, "glr": 1e-3,
-            "val_num_images": 0}}
-        ema = {"halflife_kimg": 0.05, "submodule": "generator"}
+                                                         uninterrupted: dict[str, Path], tmp_path: Path) -> None:
+    model, ema = fit_settings(method, files)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    straight = write_config(tmp_path / "straight", model, files["data"], ema)
-    subprocess.run(command(straight), env=env, cwd=straight.parent, check=True, capture_output=True)
+    if method not in uninterrupted:  # one uninterrupted run per method serves every kill step
+        straight = write_config(uninterrupted["folder"] / method, model, files["data"], ema)
+        subprocess.run(command(straight), env=env, cwd=straight.parent, check=True, capture_output=True)
+        uninterrupted[method] = straight.parent
     killed = write_config(tmp_path / "killed", model, files["data"], ema)
     reached = kill_at(killed, kill_step, env)
     assert reached == kill_step
     result = subprocess.run(command(killed, "--ckpt_path", "last"), env=env, cwd=killed.parent, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = (torch.load(f / "ckpt" / "last.ckpt", weights_only=True) for f in (straight.parent, killed.parent))
+    a, b = (torch.load(f / "ckpt" / "last.ckpt", weights_only=True) for f in (uninterrupted[method], killed.parent))
     assert a["global_step"] == b["global_step"] == STEPS
     for key in ("state_dict", "ema_raw_state"):  # EMA weights and raw weights
         assert a[key].keys() == b[key].keys()
