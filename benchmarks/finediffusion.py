@@ -121,10 +121,9 @@ def fine_tune(method: str, seed: int, args: argparse.Namespace, arch: list[str])
     cli(["fit", *common(args, arch, method), "--seed_everything", str(seed), "--model.init_args.train_seed", str(seed),
          "--model.init_args.checkpoint", str(args.pretrained), "--model.init_args.val_num_images", "0",
          "--data.init_args.path", str(target_sets(args, method)[0]), "--data.init_args.seed", str(seed),
-         "--trainer.max_steps",
-         str(args.steps), "--trainer.limit_val_batches", "0", "--trainer.val_check_interval", "null",
-         "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false", "--trainer.default_root_dir",
-         str(args.work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint)])
+         "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
+         "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(args.work / "fit"), "--trainer.callbacks", checkpoint_callback(checkpoint)])
     return checkpoint
 
 
@@ -188,8 +187,7 @@ def profile_child(method: str, args: argparse.Namespace, arch: list[str]) -> Non
 def profile(method: str, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--profile", method, "--work", str(args.work), "--pretrained",
             str(args.pretrained), "--data", str(target_sets(args, method)[0]), "--profile-steps",
-            str(args.profile_steps),
-            "--batch", str(args.batch), *(["--tiny"] if args.tiny else [])]
+            str(args.profile_steps), "--batch", str(args.batch), *(["--tiny"] if args.tiny else [])]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("PROFILE "))[8:])
 

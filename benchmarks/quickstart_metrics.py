@@ -41,15 +41,15 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
+    sampling = json.dumps({"sampler": args.sampler, "steps": args.steps})
     with tempfile.TemporaryDirectory() as tmp:
         for name, (checkpoint, extra) in MODELS.items():
             if checkpoint is not None and not checkpoint.exists():
                 raise SystemExit(f"{checkpoint} is missing; run `make demo` first")
-            sampling = json.dumps({"sampler": args.sampler, "steps": args.steps})
             runs = [evaluate_report(CONFIG, checkpoint, DEMO / "features/final.ckpt", Path(tmp), args.num_images,
                                     sampling, extra, seed, f"{len(results)}-{seed}.json") for seed in seeds]
-            weights = str(checkpoint) if checkpoint else "none" if extra else "the config's starting weights"
-            results[name] = {"checkpoint": weights, "runs": [r["metrics"] for r in runs],
+            results[name] = {"checkpoint": str(checkpoint) if checkpoint else None, "options": extra,
+                             "runs": [r["metrics"] for r in runs],
                              "protocol": runs[0]["protocol"], "feature_network": runs[0]["feature_network"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

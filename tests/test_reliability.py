@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from diffusion_transfer.data import make_shapes
 
 STEPS = 30
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # the fits' subprocesses
 REPO = Path(__file__).resolve().parents[1]  # tests.sigkill must import in the fit's process
 TINY_DIT = {"class_path": "Diffusion", "init_args": {
     "arch": "DiT-S/2", "arch_overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}, "val_num_images": 0,
@@ -96,9 +98,19 @@ def fit_settings(method: str, files: dict[str, Path]) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run folders of the uninterrupted fits by method, filled by the first test of each method."""
-    return {"folder": tmp_path_factory.mktemp("uninterrupted")}
+def uninterrupted(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``method -> run folder`` of its uninterrupted fit, run once per method and shared by every kill step."""
+    root, done = tmp_path_factory.mktemp("uninterrupted"), {}
+
+    def run_folder(method: str) -> Path:
+        if method not in done:
+            model, ema = fit_settings(method, files)
+            config = write_config(root / method, model, files["data"], ema)
+            subprocess.run(command(config), env=ENV, cwd=config.parent, check=True, capture_output=True)
+            done[method] = config.parent
+        return done[method]
+
+    return run_folder
 
 
 # 80 images in batches of 16: 5 batches an epoch. Diffusion takes one optimizer step per batch, DiffInstruct two.
@@ -107,20 +119,16 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(("method", "kill_step"), [("Diffusion", 12), ("DiffInstruct", 14), ("Diffusion", 10),
                                                    ("DiffInstruct", 20)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(method: str, kill_step: int, files: dict[str, Path],
-                                                         uninterrupted: dict[str, Path], tmp_path: Path) -> None:
+                                                         uninterrupted: Callable[[str], Path],
+                                                         tmp_path: Path) -> None:
     model, ema = fit_settings(method, files)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if method not in uninterrupted:  # one uninterrupted run per method serves every kill step
-        straight = write_config(uninterrupted["folder"] / method, model, files["data"], ema)
-        subprocess.run(command(straight), env=env, cwd=straight.parent, check=True, capture_output=True)
-        uninterrupted[method] = straight.parent
     killed = write_config(tmp_path / "killed", model, files["data"], ema)
-    reached = kill_at(killed, kill_step, env)
+    reached = kill_at(killed, kill_step, ENV)
     assert reached == kill_step
-    result = subprocess.run(command(killed, "--ckpt_path", "last"), env=env, cwd=killed.parent, capture_output=True,
+    result = subprocess.run(command(killed, "--ckpt_path", "last"), env=ENV, cwd=killed.parent, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = (torch.load(f / "ckpt" / "last.ckpt", weights_only=True) for f in (uninterrupted[method], killed.parent))
+    a, b = (torch.load(f / "ckpt" / "last.ckpt", weights_only=True) for f in (uninterrupted(method), killed.parent))
     assert a["global_step"] == b["global_step"] == STEPS
     for key in ("state_dict", "ema_raw_state"):  # EMA weights and raw weights
         assert a[key].keys() == b[key].keys()

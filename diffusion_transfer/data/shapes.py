@@ -84,11 +84,10 @@ def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base", supercla
     shapes = _kind_set(kinds)
     palette = list(PALETTE)[:colours]
     names = [f"{colour} {shape}" for shape in shapes for colour in palette]
-    if superclass == "colour":
-        return ClassInfo(class_names=names, superclasses=[c % colours for c in range(len(names))],
-                         superclass_names=palette)
-    return ClassInfo(class_names=names, superclasses=[c // colours for c in range(len(names))],
-                     superclass_names=list(shapes))
+    by_colour = superclass == "colour"
+    return ClassInfo(class_names=names,
+                     superclasses=[c % colours if by_colour else c // colours for c in range(len(names))],
+                     superclass_names=palette if by_colour else list(shapes))
 
 
 def _base_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
