@@ -8,6 +8,10 @@
     python benchmarks/finediffusion.py --domain outline --pretrained runs/demo/dit-outline/final.ckpt \
         --steps 1000 --methods "FineDiffusion,full fine-tuning (lr 1e-4),BitFit,DiffFit" \
         --work runs/bench-finediffusion-outline --out benchmarks/results/finediffusion_outline.json
+    # from a broad DiT source (built here) to 64 classes whose superclasses hold two kinds in every colour:
+    python benchmarks/finediffusion.py --testbed broad --steps 1000 \
+        --methods "FineDiffusion,full fine-tuning (lr 1e-4),BitFit,FineDiffusion with kind superclasses" \
+        --work runs/bench-finediffusion-broad --out benchmarks/results/finediffusion_broad.json
 
 Protocol:
 1. base: the DiT pre-trained on the 20 "filled" shapes classes (5 colours; runs/demo, configs/diffusion/
@@ -27,14 +31,25 @@ Protocol:
    - the 2x2 between FineDiffusion and BitFit: "FineDiffusion with flat table" (LN affines on, DiT's flat table, CFG)
      and "BitFit with tiered table" (LN affines off, the tiered table, superclass guidance);
    - "FineDiffusion with colour superclasses": the 8 colours as the superclasses (the data's are the 4 kinds), so
-     that a class differs from its superclass in shape;
+     that a class differs from its superclass in shape; "FineDiffusion with kind superclasses": the kinds (for the
+     broad testbed, whose data's superclasses are the families);
 4. FID and class accuracy of ``--num-images`` class-balanced samples (EMA weights, DDIM ``--eval-steps``, guidance
    ``--guidance-scale`` for every method) against the reference set;
 5. cost, once per method in a fresh subprocess: median training-step time (forward + backward + AdamW + EMA, after
    5 warm-up steps) and peak resident memory (Linux VmHWM of that process, and its growth during fit; CPU tensors
    are invisible to tracemalloc, so the process RSS is what is measured); stored share = PEFT checkpoint parameters
    over all parameters, and bytes on disk.
-Writes benchmarks/results/finediffusion.json (every run, mean and sample std over seeds) and prints Markdown rows.
+Writes benchmarks/results/finediffusion.json (every run, mean and sample std over seeds; rewritten after each run,
+so an interrupted benchmark keeps what it finished) and prints Markdown rows.
+
+``--testbed broad`` ([reproduction]: the paper's base is pre-trained on a broad set, ImageNet, and its target is a
+finer label space, iNat-2021, whose supercategories hold species that differ in form and colour): the base is the
+DiT of configs/diffusion/shapes16_pretrain.yaml pre-trained here (4,800 steps) on two styles, "filled" and
+"cutout", and all 8 kinds in 5 colours (40 classes, 100 images of each in each style, the source of
+``benchmarks/difftuning.py --testbed broad``); the target is 64 classes, all 8 kinds x 8 colours, in ``--domain``
+style, grouped into 4 kind families (``superclass="family"`` of the shapes data: round = circle, ring; polygon =
+square, hexagon; pointed = triangle, arrow; spiky = cross, star), so the 16 classes of a superclass differ in shape
+and colour.
 """
 
 from __future__ import annotations
@@ -58,7 +73,10 @@ from diffusion_transfer.data import make_shapes
 from diffusion_transfer.io.peft_checkpoint import peft_checkpoint_info
 
 CONFIG = "configs/finediffusion/shapes.yaml"
-COLOURS = 8  # the target's colours: 4 kinds x 8 colours, class = kind * COLOURS + colour
+COLOURS = 8  # the target's colours: class = kind * COLOURS + colour
+#: --testbed -> (the target's kind set, its hierarchy, whether the base is the broad source built in --work)
+TESTBEDS = {"narrow": ("base", "kind", False), "broad": ("all", "family", True)}
+BROAD_SOURCE_STEPS = 4800
 FLAT = ["--model.init_args.tiered", "false", "--model.init_args.guidance", "cfg"]
 #: name -> model overrides. The last one is the guidance ablation (evaluated twice).
 METHODS = {
@@ -80,11 +98,13 @@ METHODS = {
     # superclass is the colour, so a class differs from its superclass in shape, as an iNat species from its
     # supercategory.
     "FineDiffusion with colour superclasses": ["--model.init_args.peft", "finediffusion"],
+    # On the broad testbed the data's superclasses are kind families; here they are the kinds again.
+    "FineDiffusion with kind superclasses": ["--model.init_args.peft", "finediffusion"],
 }
 ABLATION = "FineDiffusion + ∅ row"
 #: methods trained and scored with another hierarchy in the data's dataset.json (the same images): make_shapes'
 #: ``superclass``. Every other method sees the kind superclasses.
-HIERARCHY = {"FineDiffusion with colour superclasses": "colour"}
+HIERARCHY = {"FineDiffusion with colour superclasses": "colour", "FineDiffusion with kind superclasses": "kind"}
 METRICS = ("fid", "accuracy", "precision", "recall")
 
 
@@ -97,10 +117,10 @@ def common(args: argparse.Namespace, arch: list[str], method: str) -> list[str]:
 
 
 def target_sets(args: argparse.Namespace, method: str | None = None) -> tuple[Path, Path]:
-    """The (training, reference) zips ``method`` sees, built when missing: the shared ones (kind superclasses), or
-    for a method of :data:`HIERARCHY` the same images with its hierarchy, beside them."""
-    superclass = HIERARCHY.get(method, "kind")
-    if superclass == "kind":
+    """The (training, reference) zips ``method`` sees, built when missing: the shared ones (the testbed's
+    hierarchy), or for a method of :data:`HIERARCHY` the same images with its hierarchy, beside them."""
+    superclass = HIERARCHY.get(method, args.superclass)
+    if superclass == args.superclass:
         data, reference = args.data, args.reference
     elif args.data_given:
         raise SystemExit(f"{method} needs the target built here with {superclass} superclasses; leave out --data")
@@ -108,10 +128,10 @@ def target_sets(args: argparse.Namespace, method: str | None = None) -> tuple[Pa
         data, reference = (p.with_name(f"{p.stem}-{superclass}-superclasses.zip") for p in (args.data, args.reference))
     if not data.exists():
         make_shapes(data, resolution=16, per_class=args.per_class, seed=2, colours=COLOURS, domain=args.domain,
-                    superclass=superclass)
+                    kinds=args.kinds, superclass=superclass)
     if not reference.exists():
         make_shapes(reference, resolution=16, per_class=6 if args.tiny else 100, seed=3, colours=COLOURS,
-                    domain=args.domain, superclass=superclass)
+                    domain=args.domain, kinds=args.kinds, superclass=superclass)
     return data, reference
 
 
@@ -196,7 +216,10 @@ def profile(method: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=50, help="training images per class (32 classes)")
+    parser.add_argument("--per-class", type=int, default=50, help="training images per class")
+    parser.add_argument("--testbed", choices=tuple(TESTBEDS), default="narrow",
+                        help="narrow: 32 classes (4 kinds x 8 colours, kind superclasses) from --pretrained; broad: "
+                             "64 classes in 4 kind families from a broad DiT source built in --work (see the header)")
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps of each run")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", default="0,1,2")
@@ -204,10 +227,11 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=15)
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="the same s for every method")
     parser.add_argument("--profile-steps", type=int, default=20)
-    parser.add_argument("--pretrained", type=Path, default=Path("runs/demo/pretrain-dit/final.ckpt"))
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="the base DiT (default: runs/demo/pretrain-dit/final.ckpt; broad: WORK/pretrained.ckpt)")
     parser.add_argument("--data", type=Path, default=None, help="default: WORK/shapes8-DOMAIN-16-Npc.zip (built)")
     parser.add_argument("--domain", default="filled", choices=("filled", "outline"),
-                        help="style of the 32-class target (and of its reference set and feature network)")
+                        help="style of the target (and of its reference set and feature network)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-finediffusion"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finediffusion.json"))
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
@@ -215,6 +239,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # internal: cost measurement child
     args = parser.parse_args()
     arch: list[str] = []
+    args.kinds, args.superclass, broad_source = TESTBEDS[args.testbed]
     if args.tiny:
         arch = ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
                 "{hidden_size: 32, depth: 2, num_heads: 2}"]
@@ -225,17 +250,28 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-finediffusion-"))
         args.work, args.out, args.steps, args.per_class, args.batch = tmp, tmp / "finediffusion.json", 2, 2, 16
         args.num_images, args.eval_steps, args.profile_steps, args.pretrained = 64, 2, 7, tmp / "pretrained.ckpt"
-        make_shapes(tmp / "filled.zip", resolution=16, per_class=4, seed=0)
+        make_shapes(tmp / "filled.zip", resolution=16, per_class=4, seed=0, kinds=args.kinds)
         train_once("configs/diffusion/shapes16_pretrain.yaml", tmp / "filled.zip", args.pretrained, 2, arch, tmp)
+    elif broad_source:  # the broad source: two styles, all 8 kinds, 5 colours (40 classes); built once in --work
+        args.work.mkdir(parents=True, exist_ok=True)
+        args.pretrained = args.pretrained or args.work / "pretrained.ckpt"
+        source = args.work / "shapes-broad-16.zip"
+        if not source.exists():
+            make_shapes(source, resolution=16, per_class=100, seed=0, domain="filled,cutout", kinds="all")
+        train_once("configs/diffusion/shapes16_pretrain.yaml", source, args.pretrained, BROAD_SOURCE_STEPS, arch,
+                   args.work)
+    args.pretrained = args.pretrained or Path("runs/demo/pretrain-dit/final.ckpt")
     if not args.pretrained.exists():
         raise SystemExit(f"{args.pretrained} is missing; build it first: make {args.pretrained}")
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_given = args.data is not None
-    args.data = args.data or args.work / f"shapes8-{args.domain}-16-{args.per_class}pc.zip"
-    args.reference = args.work / f"shapes8-{args.domain}-16-reference.zip"
-    # The filled set's names are kept from before --domain, so an existing work folder is reused.
-    args.feature_network = args.work / ("features-shapes8.ckpt" if args.domain == "filled"
-                                        else f"features-shapes8-{args.domain}.ckpt")
+    # The narrow testbed's names are kept from before --testbed (and the filled set's from before --domain), so an
+    # existing work folder is reused.
+    tag = "" if args.testbed == "narrow" else f"-{args.kinds}-{args.superclass}"
+    args.data = args.data or args.work / f"shapes8{tag}-{args.domain}-16-{args.per_class}pc.zip"
+    args.reference = args.work / f"shapes8{tag}-{args.domain}-16-reference.zip"
+    args.feature_network = args.work / ("features-shapes8.ckpt" if args.domain == "filled" and not tag
+                                        else f"features-shapes8{tag}-{args.domain}.ckpt")
     target_sets(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
@@ -252,6 +288,22 @@ def main() -> None:
     cost: dict[str, dict] = {}
     for method in methods:
         cost[method] = profile(method, args)
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    def write_record() -> tuple[dict, dict]:
+        """The summary of the runs so far, written to ``--out`` (after every run: an interruption keeps them)."""
+        summary = {m: {k: stat([r[k] for r in rs]) for k in (*METRICS, "stored_share", "checkpoint_bytes")}
+                   for m, rs in runs.items() if rs}
+        record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  "minutes": round((time.time() - started) / 60, 1), "cost": cost, "runs": runs, "summary": summary,
+                  "measured": "step_ms: median wall time of a training step (batch start to end) on this CPU, other "
+                              "processes running; peak_rss_mb: VmHWM of a fresh process after a short fit; "
+                              "rss_growth_mb: its growth during the fit"}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return summary, record
+
     for seed in seeds:
         for method in methods:
             checkpoint = fine_tune(method, seed, args, arch)
@@ -263,20 +315,10 @@ def main() -> None:
             if method == ABLATION:
                 result = evaluate(method, checkpoint, args, arch, metrics_dir / f"{checkpoint.stem}-cfg.json", "cfg")
                 runs[f"{ABLATION}, CFG"].append({"seed": seed, **{k: result[k] for k in METRICS}, **stored})
-
-    def stat(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-    summary = {m: {k: stat([r[k] for r in rs]) for k in (*METRICS, "stored_share", "checkpoint_bytes")}
-               for m, rs in runs.items()}
-    record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "minutes": round((time.time() - started) / 60, 1), "cost": cost, "runs": runs, "summary": summary,
-              "measured": "step_ms: median wall time of a training step (batch start to end) on this CPU, other "
-                          "processes running; peak_rss_mb: VmHWM of a fresh process after a short fit; "
-                          "rss_growth_mb: its growth during the fit"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    full_ms = cost["full fine-tuning"]["step_ms"] if "full fine-tuning" in cost else None  # absent with --methods
+            write_record()
+    summary, record = write_record()
+    # the step cost of full fine-tuning does not depend on its learning rate; absent with --methods
+    full_ms = next((cost[m]["step_ms"] for m in ("full fine-tuning", "full fine-tuning (lr 1e-4)") if m in cost), None)
     print(f"\n| method | guidance (s = {args.guidance_scale}) | FID ({args.num_images} images) | class accuracy | "
           "precision | recall | trainable | stored | checkpoint | step time (speed-up vs full) | peak RSS (growth in "
           "fit) |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ from diffusion_transfer.data import (
     select_longtail,
     write_dataset_zip,
 )
-from diffusion_transfer.data.shapes import DOMAINS, NUM_CLASSES, render_shapes
+from diffusion_transfer.data.shapes import DOMAINS, NUM_CLASSES, render_shapes, shapes_classes
 
 from .helpers import make_cifar_tarball, random_images
 
@@ -406,6 +406,21 @@ def test_colour_superclasses_change_the_hierarchy_not_the_images(tmp_path: Path)
     assert not (tmp_path / "x.zip").exists()
 
 
+def test_family_superclasses_group_two_kinds_in_every_colour() -> None:
+    classes = shapes_classes(colours=2, kinds="all", superclass="family")
+    # kinds: circle square triangle cross star hexagon ring arrow; families in first-appearance order
+    assert classes.superclass_names == ["round", "polygon", "pointed", "spiky"]
+    family_of_kind = [0, 1, 2, 3, 3, 1, 0, 2]
+    assert classes.superclasses == [family_of_kind[c // 2] for c in range(16)]
+    # each family holds exactly two kinds in both colours: its classes differ in shape and in colour
+    members = {s: [classes.class_names[c] for c in range(16) if classes.superclasses[c] == s] for s in range(4)}
+    assert members[0] == ["red circle", "green circle", "red ring", "green ring"]
+    # on a set with one kind per family the families are the kinds, under their family names
+    novel = shapes_classes(colours=2, kinds="novel", superclass="family")
+    assert novel.superclass_names == ["spiky", "polygon", "round", "pointed"]
+    assert novel.superclasses == [c // 2 for c in range(8)]
+
+
 def test_shapes_domains_differ_in_style_and_classes_in_colour() -> None:
     labels = np.repeat(np.arange(NUM_CLASSES), 20)
     filled, outline, cutout = (render_shapes(labels, 16, d, np.random.default_rng(0)).astype(float)
@@ -423,7 +438,7 @@ def test_shapes_domains_differ_in_style_and_classes_in_colour() -> None:
 
 
 def test_all_kinds_are_the_base_kinds_then_the_novel_ones() -> None:
-    from diffusion_transfer.data.shapes import NOVEL_SHAPES, SHAPES, shape_coverage, shapes_classes
+    from diffusion_transfer.data.shapes import NOVEL_SHAPES, SHAPES, shape_coverage
 
     classes = shapes_classes(colours=2, kinds="all")
     assert classes.superclass_names == list(SHAPES + NOVEL_SHAPES) and len(classes.class_names) == 16

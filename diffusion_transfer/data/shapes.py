@@ -67,16 +67,22 @@ def _kind_set(kinds: str) -> tuple[str, ...]:
     return KIND_SETS[kinds]
 
 
-#: what a class's superclass is: its shape kind (the classes of a superclass differ in colour only), or its colour
-#: (they differ in shape, as the species of one iNat supercategory differ in form).
-SUPERCLASS_BY = ("kind", "colour")
+#: what a class's superclass is: its shape kind (the classes of a superclass differ in colour only), its colour
+#: (they differ in shape), or its kind's family (:data:`KIND_FAMILIES`: with ``kinds="all"`` a superclass holds two
+#: kinds in every colour, so its classes differ in shape and colour, as the species of one iNat supercategory do).
+SUPERCLASS_BY = ("kind", "colour", "family")
+#: each kind's family: the kinds of a family look alike (a ring is a circle with a hole; a star, a cross with 5 arms)
+KIND_FAMILIES = {"circle": "round", "ring": "round", "square": "polygon", "hexagon": "polygon",
+                 "triangle": "pointed", "arrow": "pointed", "cross": "spiky", "star": "spiky"}
 
 
 def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base", superclass: str = "kind") -> ClassInfo:
     """Class names (``"red circle"`` ...) and the class -> superclass hierarchy, for ``colours`` colours.
 
-    Class ``c`` is kind ``c // colours`` in colour ``c % colours``; its superclass is the kind (default) or, with
-    ``superclass="colour"``, the colour.
+    Class ``c`` is kind ``c // colours`` in colour ``c % colours``; its superclass is the kind (default), or with
+    ``superclass="colour"`` the colour, or with ``superclass="family"`` the kind's family (:data:`KIND_FAMILIES`;
+    families are numbered in the order their first kind appears in the set, so ``all`` gives round, polygon,
+    pointed, spiky, each of two kinds; ``base`` and ``novel`` hold one kind of each family).
     """
     _check_colours(colours)
     if superclass not in SUPERCLASS_BY:
@@ -84,10 +90,14 @@ def shapes_classes(colours: int = DEFAULT_COLOURS, kinds: str = "base", supercla
     shapes = _kind_set(kinds)
     palette = list(PALETTE)[:colours]
     names = [f"{colour} {shape}" for shape in shapes for colour in palette]
-    by_colour = superclass == "colour"
+    if superclass == "colour":
+        return ClassInfo(class_names=names, superclasses=[c % colours for c in range(len(names))],
+                         superclass_names=palette)
+    groups = [KIND_FAMILIES[shape] if superclass == "family" else shape for shape in shapes]
+    group_names = list(dict.fromkeys(groups))  # first-appearance order
     return ClassInfo(class_names=names,
-                     superclasses=[c % colours if by_colour else c // colours for c in range(len(names))],
-                     superclass_names=palette if by_colour else list(shapes))
+                     superclasses=[group_names.index(groups[c // colours]) for c in range(len(names))],
+                     superclass_names=group_names)
 
 
 def _base_distances(u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:

@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(classes a base-trained model never saw, for transfer to new classes); all = the 8 of both")
     p.add_argument("--superclass", choices=SUPERCLASS_BY, default="kind",
                    help="the hierarchy in dataset.json: each class's shape kind (its superclass's classes differ in "
-                        "colour) or its colour (they differ in shape); the images are the same")
+                        "colour), its colour (they differ in shape) or its kind's family (round: circle, ring; "
+                        "polygon: square, hexagon; pointed: triangle, arrow; spiky: cross, star; with --kinds all "
+                        "they differ in shape and colour); the images are the same")
 
     p = sub.add_parser(
         "convert", help="folder / zip / CIFAR tar.gz -> dataset zip",
