@@ -11,6 +11,9 @@
     # the broad testbed's target; WORK is the --work folder of `benchmarks/difftuning.py --testbed broad`, which
     # builds both files there:
     python benchmarks/heldout_real.py --kinds all --data WORK/shapes-outline-all-16.zip --features WORK/features.ckpt
+    # the 64 classes of `benchmarks/finediffusion.py --testbed broad` (its training set is seed 2, its reference 3):
+    python benchmarks/heldout_real.py --kinds all --colours 8 --domain filled --seed 4 \
+        --data WORK/shapes8-all-family-filled-16-reference.zip --features WORK/features-shapes8-all-family-filled.ckpt
 
 Draws ``--per-class`` new images per class of the shapes "outline" domain with another shapes seed (200 images by
 default, the size of the demo's evaluation) and scores them exactly as the demo scores its samples: features and
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/demo/shapes-outline-16.zip"))
     parser.add_argument("--domain", default="outline", help="the shapes domain of --data and --features")
     parser.add_argument("--kinds", choices=tuple(KIND_SETS), default="base", help="the shapes kinds of --data")
+    parser.add_argument("--colours", type=int, default=5, help="the shapes colours of --data (8: the fine targets)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_real.jsonl"))
     args = parser.parse_args()
     network = load_feature_classifier(args.features)
@@ -55,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         heldout = Path(tmp) / "heldout.zip"
         make_shapes(heldout, resolution=16, per_class=args.per_class, seed=args.seed, domain=args.domain,
-                    kinds=args.kinds)
+                    kinds=args.kinds, colours=args.colours)
         dataset = ZipImageDataset(heldout)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         labels = np.asarray(dataset.labels)
@@ -64,6 +68,7 @@ def main() -> None:
                      "index": np.arange(len(labels))}, reference, ScoreOptions(per_class=False),
                     num_classes=dataset.num_classes)
     row = {"domain": args.domain, **({"kinds": args.kinds} if args.kinds != "base" else {}),
+           **({"colours": args.colours} if args.colours != 5 else {}),
            "per_class": args.per_class, "seed": args.seed, "feature_network": network.network_id,
            **{k: results[k] for k in ("num_images", "accuracy", "precision", "recall", "fid")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
