@@ -13,8 +13,19 @@ from pathlib import Path
 import yaml
 
 from diffusion_transfer.cli import main as cli
+from diffusion_transfer.data import make_shapes
 
 CPU_QUIET = ["--trainer.enable_progress_bar", "false"]
+#: the broad source's data and pre-training ([reproduction]'s testbeds of Diffusion Tuning and FineDiffusion)
+BROAD_SOURCE_DOMAIN, BROAD_SOURCE_KINDS, BROAD_SOURCE_STEPS = "filled,cutout", "all", 4800
+
+
+def make_broad_source(path: Path) -> Path:
+    """The broad source set at ``path``, built once: two styles, "filled" and "cutout", and all 8 kinds in 5 colours
+    (40 classes), 100 images of each in each style (shapes seed 0)."""
+    if not path.exists():
+        make_shapes(path, resolution=16, per_class=100, seed=0, domain=BROAD_SOURCE_DOMAIN, kinds=BROAD_SOURCE_KINDS)
+    return path
 
 
 def checkpoint_callback(path: Path) -> str:

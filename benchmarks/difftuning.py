@@ -41,7 +41,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CPU_QUIET, checkpoint_callback, train_once
+from common import (
+    BROAD_SOURCE_DOMAIN,
+    BROAD_SOURCE_KINDS,
+    BROAD_SOURCE_STEPS,
+    CPU_QUIET,
+    checkpoint_callback,
+    make_broad_source,
+    train_once,
+)
 from common import evaluate as common_evaluate
 
 from diffusion_transfer.cli import main as cli
@@ -66,7 +74,8 @@ BACKBONES = {
 #: --testbed -> shapes options and step counts of the source and the target; "narrow" uses the demo's files.
 TESTBEDS = {
     "narrow": {"source_domain": "filled", "kinds": "base", "source_steps": 2400, "per_class": 200, "steps": 3200},
-    "broad": {"source_domain": "filled,cutout", "kinds": "all", "source_steps": 4800, "per_class": 10, "steps": 2000},
+    "broad": {"source_domain": BROAD_SOURCE_DOMAIN, "kinds": BROAD_SOURCE_KINDS, "source_steps": BROAD_SOURCE_STEPS,
+              "per_class": 10, "steps": 2000},
 }
 
 
@@ -145,9 +154,9 @@ def main() -> None:
         args.source, args.target = args.work / "shapes-broad-16.zip", args.work / "shapes-outline-all-16.zip"
         args.feature_network = args.work / "features.ckpt"
         args.work.mkdir(parents=True, exist_ok=True)
-        for path, domain in ((args.source, testbed["source_domain"]), (args.target, "outline")):
-            if not path.exists():
-                make_shapes(path, resolution=16, per_class=100, seed=0, domain=domain, kinds=testbed["kinds"])
+        make_broad_source(args.source)
+        if not args.target.exists():  # the target style's full set: the FeatureClassifier's data and FID reference
+            make_shapes(args.target, resolution=16, per_class=100, seed=0, domain="outline", kinds=testbed["kinds"])
     args.pretrained = args.pretrained or Path(pretrained)
     for path in (args.source, args.target):
         if not path.exists():

@@ -10,7 +10,7 @@
         --work runs/bench-finediffusion-outline --out benchmarks/results/finediffusion_outline.json
     # from a broad DiT source (built here) to 64 classes whose superclasses hold two kinds in every colour:
     python benchmarks/finediffusion.py --testbed broad --steps 1000 \
-        --methods "FineDiffusion,full fine-tuning (lr 1e-4),BitFit,FineDiffusion with kind superclasses" \
+        --methods "FineDiffusion,BitFit,FineDiffusion with kind superclasses,full fine-tuning (lr 1e-4),DiffFit" \
         --work runs/bench-finediffusion-broad --out benchmarks/results/finediffusion_broad.json
 
 Protocol:
@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from common import CPU_QUIET, checkpoint_callback, train_once
+from common import BROAD_SOURCE_STEPS, CPU_QUIET, checkpoint_callback, make_broad_source, train_once
 from common import evaluate as common_evaluate
 
 from diffusion_transfer.cli import build_cli
@@ -74,9 +74,8 @@ from diffusion_transfer.io.peft_checkpoint import peft_checkpoint_info
 
 CONFIG = "configs/finediffusion/shapes.yaml"
 COLOURS = 8  # the target's colours: class = kind * COLOURS + colour
-#: --testbed -> (the target's kind set, its hierarchy, whether the base is the broad source built in --work)
-TESTBEDS = {"narrow": ("base", "kind", False), "broad": ("all", "family", True)}
-BROAD_SOURCE_STEPS = 4800
+#: --testbed -> (the target's kind set, its hierarchy); "broad" also builds its base, the broad source, in --work
+TESTBEDS = {"narrow": ("base", "kind"), "broad": ("all", "family")}
 FLAT = ["--model.init_args.tiered", "false", "--model.init_args.guidance", "cfg"]
 #: name -> model overrides. The last one is the guidance ablation (evaluated twice).
 METHODS = {
@@ -103,7 +102,7 @@ METHODS = {
 }
 ABLATION = "FineDiffusion + ∅ row"
 #: methods trained and scored with another hierarchy in the data's dataset.json (the same images): make_shapes'
-#: ``superclass``. Every other method sees the kind superclasses.
+#: ``superclass``. Every other method sees the testbed's (kinds on the narrow one, kind families on the broad one).
 HIERARCHY = {"FineDiffusion with colour superclasses": "colour", "FineDiffusion with kind superclasses": "kind"}
 METRICS = ("fid", "accuracy", "precision", "recall")
 
@@ -239,7 +238,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # internal: cost measurement child
     args = parser.parse_args()
     arch: list[str] = []
-    args.kinds, args.superclass, broad_source = TESTBEDS[args.testbed]
+    args.kinds, args.superclass = TESTBEDS[args.testbed]
     if args.tiny:
         arch = ["--model.init_args.arch", "DiT-S/2", "--model.init_args.arch_overrides",
                 "{hidden_size: 32, depth: 2, num_heads: 2}"]
@@ -252,12 +251,10 @@ def main() -> None:
         args.num_images, args.eval_steps, args.profile_steps, args.pretrained = 64, 2, 7, tmp / "pretrained.ckpt"
         make_shapes(tmp / "filled.zip", resolution=16, per_class=4, seed=0, kinds=args.kinds)
         train_once("configs/diffusion/shapes16_pretrain.yaml", tmp / "filled.zip", args.pretrained, 2, arch, tmp)
-    elif broad_source:  # the broad source: two styles, all 8 kinds, 5 colours (40 classes); built once in --work
+    elif args.testbed == "broad":  # the broad source (two styles, all 8 kinds, 40 classes), built once in --work
         args.work.mkdir(parents=True, exist_ok=True)
         args.pretrained = args.pretrained or args.work / "pretrained.ckpt"
-        source = args.work / "shapes-broad-16.zip"
-        if not source.exists():
-            make_shapes(source, resolution=16, per_class=100, seed=0, domain="filled,cutout", kinds="all")
+        source = make_broad_source(args.work / "shapes-broad-16.zip")
         train_once("configs/diffusion/shapes16_pretrain.yaml", source, args.pretrained, BROAD_SOURCE_STEPS, arch,
                    args.work)
     args.pretrained = args.pretrained or Path("runs/demo/pretrain-dit/final.ckpt")
@@ -288,6 +285,7 @@ def main() -> None:
     cost: dict[str, dict] = {}
     for method in methods:
         cost[method] = profile(method, args)
+
     def stat(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
